@@ -1,0 +1,89 @@
+//! # liqo-core
+//!
+//! The heart of liqo-rs, a library-first SDK for dynamic, transparent multi-cluster Kubernetes.
+//!
+//! This crate holds what every part of the system agrees on:
+//!
+//! - four small async traits, one per concern, that providers implement:
+//!   [`Discovery`] (find peers), [`PeeringAuthority`] (prove identities and grant least-privilege
+//!   credentials), [`NetworkFabric`] (link pod networks, remap overlapping CIDRs) and
+//!   [`ResourceReflector`] (mirror one kind of object between a local and a remote namespace);
+//! - the shared domain types: [`ClusterId`], [`ClusterIdentity`], [`PeerAdvertisement`],
+//!   [`ResourceOffer`], [`NetworkParameters`], [`Cidr`], [`CidrMapping`];
+//! - the custom resources in [`crds`] (`ForeignCluster`, `NamespaceOffloading`, `ResourceOffer`,
+//!   `VirtualNode`, `NetworkConfig`, `Tunnel`) with schema validation the API server enforces;
+//! - the [`Runtime`] that composes one provider per trait into a running agent.
+//!
+//! A binary of your own is a few lines:
+//!
+//! ```no_run
+//! # #[cfg(feature = "testing")]
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use liqo_core::{ClusterIdentity, Runtime, testing};
+//!
+//! let me = ClusterIdentity::new("cluster-a".parse()?, "Cluster A");
+//! let runtime = Runtime::builder(me)
+//!     .discovery(testing::StaticDiscovery::new(vec![]))
+//!     .peering(testing::TestPeering::default())
+//!     .fabric(testing::IdentityFabric::default())
+//!     .build()?;
+//! runtime.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! This crate never enables a `k8s-openapi` version feature: the final binary chooses the
+//! Kubernetes version.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod conditions;
+pub mod crds;
+mod discovery;
+mod error;
+mod fabric;
+mod identity;
+mod network;
+mod offer;
+mod peering;
+mod reflector;
+pub mod runtime;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use discovery::{
+    Discovery, DiscoveryEvent, DiscoverySource, DiscoveryStream, PROTOCOL_VERSION,
+    PeerAdvertisement,
+};
+pub use error::{BoxError, DiscoveryError, FabricError, ParseError, PeeringError, ReflectionError};
+pub use fabric::{LinkState, LinkStatus, NetworkFabric, PeerLink};
+pub use identity::{ClusterId, ClusterIdentity, KeyFingerprint, PublicKey};
+pub use network::{AddressTranslator, Cidr, CidrMapping, NetworkParameters, WireGuardKey};
+pub use offer::ResourceOffer;
+pub use peering::{
+    Challenge, Credential, PeeringAuthority, PeeringGrant, PeeringRequest, PeeringTarget,
+};
+pub use reflector::{ReflectionDirection, ReflectionScope, ResourceReflector};
+pub use runtime::{Runtime, RuntimeBuilder, RuntimeError, RuntimeEvent, RuntimeHandle};
+
+/// The domain under which every label, annotation, finalizer and API group of liqo-rs lives.
+pub const DOMAIN: &str = "liqo.io";
+
+/// Well-known labels and annotations, all under [`DOMAIN`].
+pub mod labels {
+    /// Marks an object as managed by liqo-rs (value: the managing component).
+    pub const MANAGED_BY: &str = "liqo.io/managed-by";
+    /// The id of the remote cluster an object belongs to or came from.
+    pub const REMOTE_CLUSTER_ID: &str = "liqo.io/remote-cluster-id";
+    /// The id of the cluster that created an object (set on reflected objects).
+    pub const ORIGIN_CLUSTER_ID: &str = "liqo.io/origin-cluster-id";
+    /// `virtual-node` on nodes that stand for a remote cluster.
+    pub const TYPE: &str = "liqo.io/type";
+    /// Value of [`TYPE`] on virtual nodes.
+    pub const TYPE_VIRTUAL_NODE: &str = "virtual-node";
+    /// Tenant namespaces carry this label with the consumer's cluster id.
+    pub const TENANT_NAMESPACE: &str = "liqo.io/tenant-namespace";
+    /// Annotation that stops reflection of one object (value `true`).
+    pub const SKIP_REFLECTION: &str = "liqo.io/skip-reflection";
+    /// Finalizer that liqo-rs controllers put on objects they must clean up after.
+    pub const FINALIZER: &str = "liqo.io/cleanup";
+}
