@@ -225,6 +225,7 @@ impl RuntimeBuilder {
                     shutdown: CancellationToken::new(),
                     peers: RwLock::new(BTreeMap::new()),
                     reflections: Mutex::new(HashMap::new()),
+                    ops: Mutex::new(()),
                 }),
             },
         })
@@ -273,6 +274,8 @@ struct Inner {
     shutdown: CancellationToken,
     peers: RwLock<BTreeMap<ClusterId, PeerState>>,
     reflections: Mutex<HashMap<(ClusterId, String), Reflection>>,
+    /// Serialises peer and unpeer so two callers never request the same grant twice.
+    ops: Mutex<()>,
 }
 
 /// A composed agent: discovery, peering, fabric and reflectors.
@@ -467,6 +470,7 @@ impl RuntimeHandle {
     /// links the networks. If the fabric fails, the grant is released so nothing is left
     /// half-made. Peering again with a peered cluster returns the existing link.
     pub async fn peer(&self, target: PeeringTarget) -> Result<PeerLink, RuntimeError> {
+        let _op = self.inner.ops.lock().await;
         if let Some(id) = &target.cluster_id
             && let Some(link) = self
                 .inner
@@ -527,6 +531,7 @@ impl RuntimeHandle {
     /// cleanup), disconnects the fabric and releases the credential. Every step is attempted even
     /// if an earlier one fails; the errors are reported together.
     pub async fn unpeer(&self, cluster: &ClusterId) -> Result<(), RuntimeError> {
+        let _op = self.inner.ops.lock().await;
         if !self
             .inner
             .peers

@@ -367,3 +367,18 @@ async fn shutdown_stops_reflection_but_keeps_peerings() {
         "no release on shutdown"
     );
 }
+
+#[tokio::test]
+async fn concurrent_peer_calls_request_once() {
+    let peering = TestPeering::default();
+    let runtime = Runtime::builder(me())
+        .discovery(StaticDiscovery::new(vec![]))
+        .peering(peering.clone())
+        .fabric(IdentityFabric::default())
+        .build()
+        .unwrap();
+    let h = runtime.handle();
+    let (a, b) = tokio::join!(h.peer(target("rome")), h.peer(target("rome")));
+    assert_eq!(a.unwrap(), b.unwrap());
+    assert_eq!(peering.calls(), vec!["request:rome"]);
+}
