@@ -1,8 +1,14 @@
 //! # liqo-discovery
 //!
-//! What every discovery provider shares: the discovery record format (used by mDNS and DNS alike), the composite that merges sources, and the controller that turns discovery events into ForeignCluster objects.
+//! What every discovery provider shares:
 //!
-//! This crate is planned (see `docs/architecture.md`): it holds no public API yet. Providers
-//! under `providers/` will build on it; until then they depend on `liqo-core` alone.
+//! - [`record`]: the discovery record format, TXT key-value pairs used by mDNS and DNS alike,
+//!   with a strict decoder that says which field was wrong;
+//! - the composite source and the controller that turns discovery events into `ForeignCluster`
+//!   objects.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+
+pub mod record;
+
+pub use record::{DiscoveryRecord, RecordError};
