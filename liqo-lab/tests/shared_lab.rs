@@ -379,3 +379,164 @@ async fn csrs_for_the_apiserver_client_signer_get_signed() -> TestResult {
     );
     Ok(())
 }
+
+/// Applies every liqo-rs CRD, waits until each is Established, then checks that the API server
+/// itself rejects invalid objects with a message naming the problem, and accepts valid ones.
+#[tokio::test]
+async fn crds_apply_and_the_api_server_enforces_their_schemas() -> TestResult {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+
+    let lab = lab().await;
+    let client = cluster(lab, "lab-b").client()?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let ssa = PatchParams::apply("liqo-lab-test").force();
+    for crd in liqo_core::crds::all() {
+        let name = crd.metadata.name.clone().ok_or("CRD without name")?;
+        crds.patch(&name, &ssa, &Patch::Apply(&crd)).await?;
+        tokio::time::timeout(
+            WAIT,
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await??;
+    }
+    ensure_namespace(&client, "crd-test").await?;
+
+    let api = |kind: &str, plural: &str, namespaced: bool| -> Api<DynamicObject> {
+        let ar = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("liqo.io", "v1alpha1", kind),
+            plural,
+        );
+        if namespaced {
+            Api::namespaced_with(client.clone(), "crd-test", &ar)
+        } else {
+            Api::all_with(client.clone(), &ar)
+        }
+    };
+    let create = |api: Api<DynamicObject>, body: serde_json::Value| async move {
+        let obj: DynamicObject =
+            serde_json::from_value(body).expect("test object is well-formed JSON");
+        api.create(&PostParams::default(), &obj).await
+    };
+    // Each case: an invalid object and a fragment the API server's message must contain.
+    let fc = api("ForeignCluster", "foreignclusters", false);
+    let nso = api("NamespaceOffloading", "namespaceoffloadings", true);
+    let nc = api("NetworkConfig", "networkconfigs", true);
+    let tun = api("Tunnel", "tunnels", true);
+    let cases: Vec<(Api<DynamicObject>, serde_json::Value, &str)> = vec![
+        (
+            fc.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"ForeignCluster","metadata":{"name":"bad-id"},
+            "spec":{"clusterId":"Not_A_Label","discovery":{"source":"Manual"}}}),
+            "spec.clusterId",
+        ),
+        (
+            fc.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"ForeignCluster","metadata":{"name":"bad-ep"},
+            "spec":{"clusterId":"rome","peeringEndpoint":"http://rome:443","discovery":{"source":"Manual"}}}),
+            "peeringEndpoint must be an https:// URL",
+        ),
+        (
+            fc.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"ForeignCluster","metadata":{"name":"bad-src"},
+            "spec":{"clusterId":"rome","discovery":{"source":"Carrier-Pigeon"}}}),
+            "spec.discovery.source",
+        ),
+        (
+            nso.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"NamespaceOffloading","metadata":{"name":"other"},
+            "spec":{}}),
+            "must be named 'offloading'",
+        ),
+        (
+            nso.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"NamespaceOffloading","metadata":{"name":"offloading"},
+            "spec":{"namespaceMappingStrategy":"SelectedName"}}),
+            "remoteNamespaceName is required",
+        ),
+        (
+            nso.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"NamespaceOffloading","metadata":{"name":"offloading"},
+            "spec":{"podOffloadingStrategy":"Elsewhere"}}),
+            "spec.podOffloadingStrategy",
+        ),
+        (
+            nc.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"NetworkConfig","metadata":{"name":"bad-cidr"},
+            "spec":{"clusterId":"rome","remotePodCidr":"10.244.0.0/33"}}),
+            "must be a CIDR",
+        ),
+        (
+            nc.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"NetworkConfig","metadata":{"name":"host-bits"},
+            "spec":{"clusterId":"rome","remotePodCidr":"10.244.0.1/16"}}),
+            "host bits zero",
+        ),
+        (
+            tun.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"Tunnel","metadata":{"name":"bad-key"},
+            "spec":{"clusterId":"rome","peerPublicKey":"not-a-key"}}),
+            "spec.peerPublicKey",
+        ),
+        (
+            tun.clone(),
+            serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"Tunnel","metadata":{"name":"bad-mtu"},
+            "spec":{"clusterId":"rome","peerPublicKey":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=","mtu":100}}),
+            "spec.mtu",
+        ),
+    ];
+    for (api, body, want) in cases {
+        let name = body["metadata"]["name"].as_str().unwrap_or("?").to_owned();
+        match create(api, body).await {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{name}: {status:?}");
+                assert!(
+                    status.message.contains(want),
+                    "{name}: message {:?} lacks {want:?}",
+                    status.message
+                );
+            }
+            other => panic!("{name}: expected a 422 from the API server, got {other:?}"),
+        }
+    }
+
+    // Valid objects are accepted, and defaults come from the schema.
+    let ok_nso = create(
+        nso,
+        serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"NamespaceOffloading",
+        "metadata":{"name":"offloading"},"spec":{}}),
+    )
+    .await?;
+    assert_eq!(
+        ok_nso.data["spec"]["podOffloadingStrategy"],
+        "LocalAndRemote"
+    );
+    assert_eq!(
+        ok_nso.data["spec"]["namespaceMappingStrategy"],
+        "DefaultName"
+    );
+    create(nc, serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"NetworkConfig","metadata":{"name":"good"},
+        "spec":{"clusterId":"rome","remotePodCidr":"10.244.0.0/16"}})).await?;
+    let good_fc = create(fc.clone(), serde_json::json!({"apiVersion":"liqo.io/v1alpha1","kind":"ForeignCluster","metadata":{"name":"rome"},
+        "spec":{"clusterId":"rome","peeringEndpoint":"https://rome.example:8443","discovery":{"source":"DNS"}}})).await?;
+    assert_eq!(
+        good_fc.data["spec"]["discovery"]["autoPeer"], false,
+        "auto-peering is off by default"
+    );
+
+    // clusterId is immutable: an update that changes it is rejected by a CEL transition rule.
+    let patch = serde_json::json!({"spec":{"clusterId":"milan"}});
+    match fc
+        .patch("rome", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert!(
+            s.message.contains("clusterId is immutable"),
+            "{}",
+            s.message
+        ),
+        other => panic!("changing clusterId must be refused, got {other:?}"),
+    }
+    fc.delete("rome", &Default::default()).await?;
+    Ok(())
+}

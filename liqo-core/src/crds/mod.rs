@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | [`ForeignCluster`] | cluster | one per peer: how it was found, its role, a condition per module |
 //! | [`NamespaceOffloading`] | namespace | offloads its namespace: strategy, cluster selector, naming |
+//! | [`RemoteNamespace`] | namespace | a consumer's request, on the provider, for its twin namespace |
 //! | [`ResourceOffer`] | namespace | what a provider offers one consumer |
 //! | [`VirtualNode`] | namespace | the consumer's node standing for a provider |
 //! | [`NetworkConfig`] | namespace | a remote cluster's CIDRs and how they are remapped here |
@@ -31,7 +32,8 @@ pub use network::{
 };
 pub use offloading::{
     NamespaceMappingStrategy, NamespaceOffloading, NamespaceOffloadingSpec,
-    NamespaceOffloadingStatus, OffloadingPhase, PodOffloadingStrategy, RemoteNamespaceStatus,
+    NamespaceOffloadingStatus, OffloadingPhase, PodOffloadingStrategy, RemoteNamespace,
+    RemoteNamespaceSpec, RemoteNamespaceStatus, RemoteNamespaceStatusEntry,
 };
 pub use sharing::{
     ResourceOffer, ResourceOfferSpec, ResourceOfferStatus, SecretKeyRef, VirtualNode,
@@ -48,6 +50,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
     vec![
         ForeignCluster::crd(),
         NamespaceOffloading::crd(),
+        RemoteNamespace::crd(),
         ResourceOffer::crd(),
         VirtualNode::crd(),
         NetworkConfig::crd(),

@@ -90,7 +90,7 @@ pub enum OffloadingPhase {
 /// The twin namespace on one provider.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct RemoteNamespaceStatus {
+pub struct RemoteNamespaceStatusEntry {
     /// The provider.
     pub cluster_id: ClusterId,
     /// The twin namespace's name there.
@@ -111,8 +111,51 @@ pub struct NamespaceOffloadingStatus {
     pub phase: Option<OffloadingPhase>,
     /// One entry per selected provider.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub remote_namespaces: Vec<RemoteNamespaceStatus>,
+    pub remote_namespaces: Vec<RemoteNamespaceStatusEntry>,
     /// Conditions (`Ready`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// A consumer's request for a namespace on the provider to offload into (its twin namespace).
+///
+/// The consumer creates it in its tenant namespace on the provider, where its credential allows
+/// nothing cluster-wide; the provider's agent creates the namespace, binds the consumer's
+/// offloading role in it and reports `Ready` (or `Ready=False` with reason `NameConflict` when the
+/// name belongs to someone else). Deleting it deletes the twin namespace.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "liqo.io",
+    version = "v1alpha1",
+    kind = "RemoteNamespace",
+    plural = "remotenamespaces",
+    namespaced,
+    status = "RemoteNamespaceStatus",
+    printcolumn = r#"{"name":"Namespace","type":"string","jsonPath":".spec.namespace"}"#,
+    printcolumn = r#"{"name":"Consumer","type":"string","jsonPath":".spec.consumerClusterId"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.sourceNamespace"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteNamespaceSpec {
+    /// The namespace to create on the provider. Immutable.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("namespace is immutable"))]
+    pub namespace: String,
+    /// The consumer asking (must match the tenant namespace's consumer).
+    pub consumer_cluster_id: ClusterId,
+    /// The consumer's local namespace it mirrors (informational).
+    #[schemars(length(min = 1, max = 63))]
+    pub source_namespace: String,
+}
+
+/// The provider's answer to a [`RemoteNamespace`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteNamespaceStatus {
+    /// `Ready` once the namespace exists and the consumer may use it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
