@@ -28,7 +28,11 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let runs: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(3);
+    let runs: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(3);
     let mut medians = vec![];
     for n in 1..=3usize {
         let mut times = vec![];
@@ -46,7 +50,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     total += kib;
                     println!("  {:<26} {:>6.1} MiB", p.component, kib as f64 / 1024.0);
                 }
-                println!("  {:<26} {:>6.1} MiB (etcd included)", "total", total as f64 / 1024.0);
+                println!(
+                    "  {:<26} {:>6.1} MiB (etcd included)",
+                    "total",
+                    total as f64 / 1024.0
+                );
             }
             lab.stop().await?;
         }

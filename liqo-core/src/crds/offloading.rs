@@ -141,7 +141,10 @@ pub struct NamespaceOffloadingStatus {
 #[serde(rename_all = "camelCase")]
 pub struct RemoteNamespaceSpec {
     /// The namespace to create on the provider. Immutable.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     #[x_kube(validation = Rule::new("self == oldSelf").message("namespace is immutable"))]
     pub namespace: String,
     /// The consumer asking (must match the tenant namespace's consumer).
