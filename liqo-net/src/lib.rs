@@ -1,8 +1,42 @@
 //! # liqo-net
 //!
-//! What every network fabric backend shares: IPAM with CIDR remapping, NAT rules, routes, the gateway lifecycle and the link checker.
+//! What every network fabric backend of liqo-rs shares, so a WireGuard provider is only the
+//! code that makes an interface exist:
 //!
-//! This crate is planned (see `docs/architecture.md`): it holds no public API yet. Providers
-//! under `providers/` will build on it; until then they depend on `liqo-core` alone.
+//! - [`ipam`]: overlap detection and CIDR remapping from configurable pools, stable across
+//!   restarts through an [`store::AllocationStore`] (`NetworkConfig` objects, a file, memory);
+//! - [`nat`]: the double NAT as one nftables table, replaced atomically;
+//! - [`routes`]: links, routes and policy rules through rtnetlink;
+//! - [`gateway`]: one WireGuard interface, a peer per remote cluster, converged by `apply`;
+//! - [`checker`]: link status from handshakes, the `NetworkReady` condition;
+//! - [`WireGuardFabric`]: the [`NetworkFabric`](liqo_core::NetworkFabric) over all of them,
+//!   generic over a [`WireGuardBackend`].
+//!
+//! ## How two clusters with the same pod CIDR talk
+//!
+//! Cluster A knows peer B's pods by a range A allocated (B's CIDR if free on A's side, a
+//! remapped one otherwise); B does the same for A. A pod of A sends to B's pod at its address in
+//! A's range for B. A's gateway routes that range into the tunnel and rewrites the source from
+//! A's real pod CIDR to the range B knows A by; B's gateway rewrites the destination from the
+//! range A knows B by to B's real pod CIDR. B's pod sees A's pod at its address in B's range for
+//! A, and replies go back through conntrack. Each gateway translates only its own pods, every
+//! address in the tunnel is unique per peer, and one interface serves every peer.
+//!
+//! All of it acts in the network namespace of the calling process.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod checker;
+mod fabric;
+pub mod gateway;
+pub mod ipam;
+pub mod nat;
+pub mod routes;
+pub mod store;
+
+pub use backend::{WireGuardBackend, generate_private_key, parse_private_key, public_key_of};
+pub use fabric::{FabricConfig, WireGuardFabric, resolve_endpoint};
+pub use gateway::{Gateway, GatewayConfig, GatewayPeer};
+pub use ipam::{Allocation, Ipam, IpamConfig};
+pub use wireguard_control;

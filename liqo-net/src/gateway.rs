@@ -1,0 +1,442 @@
+//! The gateway: one WireGuard interface with one peer per remote cluster, its routes, policy
+//! rules and NAT, kept equal to a desired state.
+//!
+//! The gateway acts in the network namespace of the process that runs it, as a real gateway
+//! runs inside its own pod's namespace. Nothing here switches namespaces: tests and benchmarks
+//! start a gateway agent process inside each namespace (`ip netns exec`), which exercises the
+//! same code an agent runs and keeps namespace juggling (and its `setns` per thread subtleties)
+//! out of the library.
+//!
+//! [`Gateway::apply`] converges everything from the desired state, so it is idempotent and is
+//! also how the gateway recovers when a userspace daemon restarted with an empty interface.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use liqo_core::{Cidr, CidrMapping, ClusterId, FabricError, LinkState, LinkStatus, WireGuardKey};
+use tracing::debug;
+use wireguard_control::{Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
+
+use crate::{
+    backend::{WireGuardBackend, check_interface_name, public_key_of},
+    nat::{NatPeer, NatTable},
+    routes::{Netlink, RoutingConfig, enable_forwarding},
+};
+
+/// How a gateway is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    /// The WireGuard interface name (at most 15 bytes). Userspace control sockets are shared
+    /// by every namespace of the machine, so it must be unique machine-wide there.
+    pub interface: String,
+    /// The UDP port WireGuard listens on.
+    pub listen_port: u16,
+    /// The interface MTU (1420 fits WireGuard's overhead in a 1500-byte underlay).
+    pub mtu: u16,
+    /// Keepalive interval towards peers, in seconds; keeps NAT mappings of the underlay open
+    /// and lets a restarted side handshake at once.
+    pub persistent_keepalive: Option<u16>,
+    /// Where routes and policy rules go.
+    pub routing: RoutingConfig,
+    /// The nftables table holding the NAT (family `inet`).
+    pub nat_table: String,
+    /// A link whose last handshake is older than this is reported disconnected (WireGuard
+    /// rekeys every two minutes while traffic or keepalives flow).
+    pub handshake_timeout: Duration,
+}
+
+impl GatewayConfig {
+    /// Defaults for interface `interface` listening on `listen_port`: MTU 1420, keepalive
+    /// 25 s, table `liqo-<interface>`, handshake timeout 180 s.
+    pub fn new(interface: &str, listen_port: u16) -> Self {
+        Self {
+            interface: interface.to_owned(),
+            listen_port,
+            mtu: 1420,
+            persistent_keepalive: Some(25),
+            routing: RoutingConfig::default(),
+            nat_table: format!("liqo-{interface}"),
+            handshake_timeout: Duration::from_secs(180),
+        }
+    }
+
+    fn validate(&self) -> Result<(InterfaceName, NatTable), FabricError> {
+        let name = check_interface_name(&self.interface)?;
+        if !(1280..=9000).contains(&self.mtu) {
+            return Err(FabricError::InvalidConfig(format!(
+                "MTU {} of interface {}: must be between 1280 and 9000",
+                self.mtu, self.interface
+            )));
+        }
+        if self.listen_port == 0 {
+            return Err(FabricError::InvalidConfig(format!(
+                "listen port of interface {}: 0 is not a port peers can reach",
+                self.interface
+            )));
+        }
+        if self.persistent_keepalive == Some(0) {
+            return Err(FabricError::InvalidConfig(
+                "persistent keepalive of 0 s: use None to disable it".into(),
+            ));
+        }
+        Ok((name, NatTable::new(&self.nat_table)?))
+    }
+}
+
+/// One peer of the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayPeer {
+    /// The remote cluster.
+    pub cluster: ClusterId,
+    /// Its gateway's public key.
+    pub public_key: WireGuardKey,
+    /// Its gateway's address, if known (a side without one waits for the peer to handshake).
+    pub endpoint: Option<SocketAddr>,
+    /// The ranges local pods use for it: its allowed-ips, routed into the tunnel.
+    pub remote_ranges: Vec<Cidr>,
+    /// Each local network and the range the peer knows it by (identity when not remapped).
+    pub local_mappings: Vec<CidrMapping>,
+}
+
+/// A running gateway.
+pub struct Gateway<B: WireGuardBackend> {
+    backend: Arc<B>,
+    config: GatewayConfig,
+    iface: InterfaceName,
+    key: Key,
+    netlink: Netlink,
+    nat: NatTable,
+    peers: BTreeMap<ClusterId, GatewayPeer>,
+}
+
+impl<B: WireGuardBackend> std::fmt::Debug for Gateway<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("backend", &self.backend.name())
+            .field("config", &self.config)
+            .field("public_key", &public_key_of(&self.key))
+            .field("peers", &self.peers)
+            .finish_non_exhaustive()
+    }
+}
+
+fn wg_err(backend: &str, action: impl std::fmt::Display, e: impl std::fmt::Display) -> FabricError {
+    FabricError::Backend {
+        backend: backend.to_owned(),
+        message: format!("{action}: {e}"),
+    }
+}
+
+fn allowed(c: &Cidr) -> (IpAddr, u8) {
+    (c.net().network(), c.prefix_len())
+}
+
+impl<B: WireGuardBackend> Gateway<B> {
+    /// Creates the interface with `private_key` and brings it up. On failure nothing is left
+    /// behind.
+    pub async fn start(
+        backend: Arc<B>,
+        config: GatewayConfig,
+        private_key: Key,
+    ) -> Result<Self, FabricError> {
+        let (iface, nat) = config.validate()?;
+        let gw = Self {
+            netlink: Netlink::connect()?,
+            backend,
+            config,
+            iface,
+            key: private_key,
+            nat,
+            peers: BTreeMap::new(),
+        };
+        if let Err(e) = gw.apply().await {
+            if let Err(cleanup) = gw.teardown().await {
+                debug!(error = %cleanup, "cleanup after a failed start");
+            }
+            return Err(e);
+        }
+        Ok(gw)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.backend
+    }
+
+    /// The public key peers must be given.
+    pub fn public_key(&self) -> WireGuardKey {
+        public_key_of(&self.key)
+    }
+
+    /// The peers.
+    pub fn peers(&self) -> impl Iterator<Item = &GatewayPeer> {
+        self.peers.values()
+    }
+
+    /// Adds or changes a peer and applies. A peer whose ranges overlap another peer's, or
+    /// whose key is this gateway's own, is refused; if applying fails the previous state is
+    /// restored.
+    pub async fn set_peer(&mut self, peer: GatewayPeer) -> Result<(), FabricError> {
+        if peer.public_key == self.public_key() {
+            return Err(FabricError::InvalidConfig(format!(
+                "cluster {} announces this gateway's own public key",
+                peer.cluster
+            )));
+        }
+        for other in self.peers.values().filter(|o| o.cluster != peer.cluster) {
+            if other.public_key == peer.public_key {
+                return Err(FabricError::InvalidConfig(format!(
+                    "clusters {} and {} announce the same WireGuard key",
+                    other.cluster, peer.cluster
+                )));
+            }
+            for r in &peer.remote_ranges {
+                if let Some(o) = other.remote_ranges.iter().find(|o| o.overlaps(r)) {
+                    return Err(FabricError::InvalidConfig(format!(
+                        "range {r} of cluster {} overlaps range {o} of cluster {}",
+                        peer.cluster, other.cluster
+                    )));
+                }
+            }
+        }
+        let previous = self.peers.insert(peer.cluster.clone(), peer.clone());
+        if let Err(e) = self.apply().await {
+            match previous {
+                Some(p) => self.peers.insert(p.cluster.clone(), p),
+                None => self.peers.remove(&peer.cluster),
+            };
+            if let Err(again) = self.apply().await {
+                debug!(error = %again, "restoring the previous gateway state");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes a peer (its WireGuard peer, routes, rules and NAT rules). Returns whether it
+    /// was there.
+    pub async fn remove_peer(&mut self, cluster: &ClusterId) -> Result<bool, FabricError> {
+        let Some(old) = self.peers.remove(cluster) else {
+            return Ok(false);
+        };
+        if let Err(e) = self.apply().await {
+            self.peers.insert(cluster.clone(), old);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    fn ranges(&self) -> Vec<Cidr> {
+        self.peers
+            .values()
+            .flat_map(|p| p.remote_ranges.iter().copied())
+            .collect()
+    }
+
+    fn nat_peers(&self) -> Vec<NatPeer> {
+        self.peers
+            .values()
+            .map(|p| NatPeer {
+                cluster: p.cluster.clone(),
+                interface: self.config.interface.clone(),
+                remote_ranges: p.remote_ranges.clone(),
+                local: p.local_mappings.clone(),
+            })
+            .collect()
+    }
+
+    async fn device(&self) -> Result<Device, FabricError> {
+        let (iface, control) = (self.iface, self.backend.control());
+        tokio::task::spawn_blocking(move || Device::get(&iface, control))
+            .await
+            .map_err(|e| FabricError::Other(e.into()))?
+            .map_err(|e| {
+                wg_err(
+                    self.backend.name(),
+                    format_args!("reading interface {}", self.config.interface),
+                    e,
+                )
+            })
+    }
+
+    /// The WireGuard changes that make `dev` match the desired peers, or `None` if it does.
+    fn diff(&self, dev: &Device) -> Option<DeviceUpdate> {
+        let mut update = DeviceUpdate::new();
+        let mut changed = false;
+        if dev.public_key.as_ref() != Some(&self.key.get_public()) {
+            update = update.set_private_key(self.key.clone());
+            changed = true;
+        }
+        if dev.listen_port != Some(self.config.listen_port) {
+            update = update.set_listen_port(self.config.listen_port);
+            changed = true;
+        }
+        let desired: BTreeMap<[u8; 32], &GatewayPeer> = self
+            .peers
+            .values()
+            .map(|p| (*p.public_key.as_bytes(), p))
+            .collect();
+        for actual in &dev.peers {
+            if !desired.contains_key(&actual.config.public_key.0) {
+                update = update.remove_peer_by_key(&actual.config.public_key);
+                changed = true;
+            }
+        }
+        let keepalive = self.config.persistent_keepalive.unwrap_or(0);
+        for (bytes, p) in desired {
+            let key = Key(bytes);
+            let mut want: Vec<(IpAddr, u8)> = p.remote_ranges.iter().map(allowed).collect();
+            want.sort();
+            let actual = dev.peers.iter().find(|a| a.config.public_key == key);
+            let same = actual.is_some_and(|a| {
+                let mut have: Vec<(IpAddr, u8)> = a
+                    .config
+                    .allowed_ips
+                    .iter()
+                    .map(|ip| (ip.address, ip.cidr))
+                    .collect();
+                have.sort();
+                have == want
+                    && a.config.persistent_keepalive_interval.unwrap_or(0) == keepalive
+                    && (p.endpoint.is_none() || a.config.endpoint == p.endpoint)
+            });
+            if same {
+                continue;
+            }
+            if actual.is_some() {
+                // Remove and re-add in one transaction: boringtun cannot modify a peer.
+                update = update.remove_peer_by_key(&key);
+            }
+            let mut b = PeerConfigBuilder::new(&key).replace_allowed_ips();
+            for (addr, len) in &want {
+                b = b.add_allowed_ip(*addr, *len);
+            }
+            if let Some(ep) = p.endpoint {
+                b = b.set_endpoint(ep);
+            }
+            if keepalive > 0 {
+                b = b.set_persistent_keepalive_interval(keepalive);
+            }
+            update = update.add_peer(b);
+            changed = true;
+        }
+        changed.then_some(update)
+    }
+
+    /// Makes interface, WireGuard peers, routes, rules and NAT match the desired state.
+    /// Idempotent; changes only what differs.
+    pub async fn apply(&self) -> Result<(), FabricError> {
+        let name = self.backend.name().to_owned();
+        self.backend.create(&self.config.interface).await?;
+        let dev = self.device().await?;
+        if let Some(update) = self.diff(&dev) {
+            let (iface, control) = (self.iface, self.backend.control());
+            tokio::task::spawn_blocking(move || update.apply(&iface, control))
+                .await
+                .map_err(|e| FabricError::Other(e.into()))?
+                .map_err(|e| {
+                    wg_err(
+                        &name,
+                        format_args!("configuring interface {}", self.config.interface),
+                        e,
+                    )
+                })?;
+        }
+        let index = self
+            .netlink
+            .link_index(&self.config.interface)
+            .await?
+            .ok_or_else(|| {
+                wg_err(
+                    &name,
+                    format_args!("interface {}", self.config.interface),
+                    "vanished after it was created",
+                )
+            })?;
+        let mtu = u32::from(self.config.mtu);
+        if self.netlink.link_state(index).await? != Some((mtu, true)) {
+            self.netlink.set_up(index, mtu).await?;
+        }
+        let ranges = self.ranges();
+        enable_forwarding(ranges.iter().any(|r| !r.net().addr().is_ipv4())).await?;
+        self.netlink
+            .sync_routes(&self.config.routing, index, &ranges)
+            .await?;
+        self.netlink
+            .sync_rules(&self.config.routing, &ranges)
+            .await?;
+        self.nat.apply(&self.nat_peers()).await
+    }
+
+    /// The link to `cluster` as the WireGuard interface reports it.
+    pub async fn peer_status(&self, cluster: &ClusterId) -> Result<LinkStatus, FabricError> {
+        let peer = self
+            .peers
+            .get(cluster)
+            .ok_or_else(|| FabricError::NotConnected(cluster.clone()))?;
+        let dev = self.device().await?;
+        let key = Key(*peer.public_key.as_bytes());
+        let Some(info) = dev.peers.iter().find(|p| p.config.public_key == key) else {
+            return Ok(LinkStatus {
+                state: LinkState::Disconnected,
+                latest_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                message: format!(
+                    "peer missing from interface {} (being reconfigured)",
+                    self.config.interface
+                ),
+            });
+        };
+        let latest = self
+            .backend
+            .handshake_time(info.stats.last_handshake_time, info.stats.rx_bytes);
+        Ok(crate::checker::link_status(
+            latest,
+            info.stats.rx_bytes,
+            info.stats.tx_bytes,
+            SystemTime::now(),
+            self.config.handshake_timeout,
+        ))
+    }
+
+    async fn teardown(&self) -> Result<(), FabricError> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.nat.remove().await {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = self.netlink.clear(&self.config.routing).await {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = self.backend.remove(&self.config.interface).await {
+            errors.push(e.to_string());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(FabricError::Backend {
+                backend: self.backend.name().to_owned(),
+                message: format!(
+                    "tearing down gateway {}: {}",
+                    self.config.interface,
+                    errors.join("; ")
+                ),
+            })
+        }
+    }
+
+    /// Removes everything the gateway made: NAT table, policy rules, routes, the interface
+    /// (and a userspace daemon with its socket). Every step is attempted; idempotent.
+    pub async fn stop(&self) -> Result<(), FabricError> {
+        self.teardown().await
+    }
+}
