@@ -10,7 +10,11 @@ command -v cargo >/dev/null || { log "cargo is needed: install Rust from https:/
 command -v go >/dev/null || { log "go is needed to build the lab's Kubernetes binaries: https://go.dev/dl"; exit 1; }
 
 # Debian packages the tests use (command -> package).
-declare -A pkgs=([setpriv]=util-linux [ip]=iproute2)
+declare -A pkgs=(
+  [setpriv]=util-linux [ip]=iproute2 [ping]=iputils-ping [sysctl]=procps [nft]=nftables
+  [wireguard-go]=wireguard-go [wg]=wireguard-tools [iperf3]=iperf3
+  [avahi-daemon]=avahi-daemon [avahi-browse]=avahi-utils [dbus-daemon]=dbus [dnsmasq]=dnsmasq-base
+)
 missing=()
 for cmd in "${!pkgs[@]}"; do command -v "$cmd" >/dev/null || missing+=("${pkgs[$cmd]}"); done
 if ((${#missing[@]})); then
