@@ -68,6 +68,28 @@ pub use runtime::{Runtime, RuntimeBuilder, RuntimeError, RuntimeEvent, RuntimeHa
 /// The domain under which every label, annotation, finalizer and API group of liqo-rs lives.
 pub const DOMAIN: &str = "liqo.io";
 
+/// Naming conventions both sides of a peering rely on.
+pub mod names {
+    use crate::ClusterId;
+
+    /// The user name a consumer's credential authenticates as on a provider's API server:
+    /// `liqo-consumer-<consumer id>`. The peering authority issues the credential for it; the
+    /// provider's agent binds the offloading role to it in each twin namespace.
+    ///
+    /// ```
+    /// let id: liqo_core::ClusterId = "milan".parse().unwrap();
+    /// assert_eq!(liqo_core::names::consumer_user(&id), "liqo-consumer-milan");
+    /// ```
+    pub fn consumer_user(consumer: &ClusterId) -> String {
+        format!("liqo-consumer-{consumer}")
+    }
+
+    /// The tenant namespace that holds a peer's objects: `liqo-tenant-<peer id>`.
+    pub fn tenant_namespace(peer: &ClusterId) -> String {
+        format!("liqo-tenant-{peer}")
+    }
+}
+
 /// Well-known labels and annotations, all under [`DOMAIN`].
 pub mod labels {
     /// Marks an object as managed by liqo-rs (value: the managing component).

@@ -121,6 +121,11 @@ pub mod condition {
     pub const AUTHENTICATED: &str = "Authenticated";
     /// The provider's offer was received and accepted.
     pub const OFFER_ACCEPTED: &str = "OfferAccepted";
+    /// Provider side: the consumer proved possession of its key (signed our nonce).
+    pub const CONSUMER_AUTHENTICATED: &str = "ConsumerAuthenticated";
+    /// Provider side: the consumer's tenant namespace, credential, RBAC and quota are in place
+    /// (`False` with reason `AwaitingApproval` while an administrator has to approve it).
+    pub const TENANT_READY: &str = "TenantReady";
     /// The network link is up.
     pub const NETWORK_READY: &str = "NetworkReady";
     /// The virtual node for the peer is Ready.

@@ -1,2 +1,116 @@
-//! Placeholder: being written.
+//! # liqo-peering-csr
+//!
+//! The [`PeeringAuthority`](liqo_core::PeeringAuthority) of liqo-rs: decentralised, one-step,
+//! least-privilege peering between Kubernetes clusters, with credentials issued by the
+//! provider's own API server through the CSR API.
+//!
+//! ## Identity
+//! Each cluster has a stable [`ClusterId`](liqo_core::ClusterId) and an Ed25519 key pair, made at
+//! first start and kept in the Secret `liqo-system/liqo-identity` ([`LocalIdentity::load_or_create`];
+//! the id defaults to the `kube-system` namespace's UID). The public key's fingerprint is what
+//! discovery advertises and peers pin.
+//!
+//! ## Handshake
+//! 1. The consumer asks for a challenge; the provider answers with its identity and a 32-byte
+//!    nonce, single use, bound to that consumer id and to a purpose (grant or release), valid for
+//!    a minute.
+//! 2. The consumer checks the provider's identity (id as targeted, key as pinned), signs
+//!    [`PeeringRequest::signed_payload`](liqo_core::PeeringRequest::signed_payload) (consumer id,
+//!    provider id, nonce) and sends the request.
+//! 3. The provider burns the nonce, checks addressee, signature and the key pinned for the consumer
+//!    (by discovery on its `ForeignCluster`, or by an earlier grant on its tenant namespace), then
+//!    its [`PeeringPolicy`]: accept all, an allow list, or manual approval.
+//! 4. It makes the tenant: namespace `liqo-tenant-<consumer>` (labelled
+//!    `liqo.io/tenant-namespace=<consumer>`), a `ResourceOffer` named after the provider, the
+//!    quota, a Role and RoleBinding for user `liqo-consumer-<consumer>`, and a client certificate
+//!    for that user through a `CertificateSigningRequest` (signer
+//!    `kubernetes.io/kube-apiserver-client`, approved by the provider's policy, deleted once
+//!    signed). It answers with a kubeconfig (default namespace: the tenant), the offer and its
+//!    network parameters.
+//! 5. The consumer stores, in namespace `liqo-tenant-<provider>` of its own cluster, the Secret
+//!    `liqo-kubeconfig-<provider>` (key `kubeconfig`), a `ResourceOffer` and a `VirtualNode` named
+//!    after the provider, whose `kubeconfigSecretRef` points at the Secret (liqo-vk makes the Node).
+//!
+//! Both ends write one condition per stage on the peer's `ForeignCluster` (see [`foreign`]).
+//!
+//! ## Two ways in
+//! * **One command** ([`peer`], [`unpeer`], [`AdminPeering`]): the admin holds both kubeconfigs;
+//!   the handshake runs in process, through the same code.
+//! * **Peer to peer** ([`PeeringServer`], [`HttpsConnector`]): the provider serves HTTPS with a
+//!   certificate made from its identity key; a consumer that knows only the endpoint (and, from
+//!   discovery, the fingerprint) pins that key instead of trusting a CA.
+//!
+//! ## Least privilege
+//! In its tenant namespace the consumer may manage `remotenamespaces.liqo.io` (its requests for
+//! twin namespaces) and read `resourceoffers.liqo.io`; nothing else, nowhere else ([`tenant_rules`]).
+//! Pods and the rest are granted per twin namespace by liqo-vk's `liqo-offloading` ClusterRole.
+//!
+//! ## Governance
+//! The offer ([`OfferPolicy`]: absolute, or a share of the free allocatable) is enforced by the
+//! provider's API server across all of the consumer's namespaces ([`quota`], [`QuotaController`]).
+//! [`Provider::cordon`] (no new pods), [`Provider::drain`] (delete the consumer's pods),
+//! [`Provider::revoke`].
+//!
+//! **Revocation.** Kubernetes cannot revoke a client certificate. Revoking deletes the consumer's
+//! RoleBinding and Role first, so its certificate still authenticates but is authorized for
+//! nothing (403), then its namespaces, offer, any CSR, and the pinned key. Certificates are short
+//! lived ([`ProviderConfig::credential_lifetime`], 24 h by default) and renewed by the consumer's
+//! [`RotationController`] at two thirds of their lifetime, in place.
+//!
+//! ## Bidirectional peering
+//! A cluster that is both consumer and provider of the same peer uses one namespace
+//! `liqo-tenant-<peer>` for both roles; each role writes with its own field manager
+//! (`liqo-peering-consumer`, `liqo-peering-provider`), and removing one role keeps the namespace
+//! while the other still uses it.
+//!
+//! ## Permissions of the agent
+//! Provider role: namespaces, roles and rolebindings (creating the tenant Role needs the rights it
+//! grants, or `escalate`/`bind`), certificatesigningrequests (create, delete) and their
+//! `approval` subresource with `approve` on signer `kubernetes.io/kube-apiserver-client`,
+//! subjectaccessreviews (create), resourcequotas, limitranges, pods (list, delete: drain), nodes
+//! (list: share-of-free offers), validatingadmissionpolicies and bindings (the quota guard),
+//! `resourceoffers`, `foreignclusters` (and `/status`), events. Consumer role: namespaces,
+//! secrets, `resourceoffers` (and `/status`), `virtualnodes`, `foreignclusters` (and `/status`),
+//! events.
+//!
+//! ## Kubernetes objects, all labelled `liqo.io/managed-by=liqo-peering`
+//! Per cluster: the identity Secret. Per peering, on the provider: the tenant namespace and, in
+//! it, `ResourceOffer/<provider>`, `ResourceQuota/liqo-offer`, `LimitRange/liqo-offer-defaults`,
+//! `Role/liqo-consumer`, `RoleBinding/liqo-consumer`; the same quota and LimitRange in each twin
+//! namespace; a transient CSR `liqo-<consumer>-<random>`. On the consumer: the namespace, the
+//! Secret, `ResourceOffer/<provider>`, `VirtualNode/<provider>`. A `ForeignCluster` on either side
+//! when discovery did not make one. Events on the `ForeignCluster`s.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod authority;
+mod consumer;
+pub mod credential;
+pub mod foreign;
+pub mod https;
+mod identity;
+pub mod names;
+mod nonce;
+mod policy;
+mod provider;
+pub mod quantity;
+pub mod quota;
+pub mod rotation;
+mod transport;
+
+pub use authority::{AdminPeering, CsrAuthority, peer, unpeer};
+pub use consumer::Consumer;
+pub use credential::{ApiEndpoint, CredentialError, client_from_kubeconfig};
+pub use https::{HttpsTransport, PeeringServer, ServerError};
+pub use identity::{
+    IDENTITY_NAMESPACE, IDENTITY_SECRET, IdentityError, IdentityOptions, LocalIdentity,
+    verify_signature,
+};
+pub use nonce::Purpose;
+pub use policy::{FreeResources, NetworkSource, OfferPolicy, PeeringPolicy, free_allocatable};
+pub use provider::{Provider, ProviderConfig, tenant_rules, twin_selector};
+pub use quota::{ControllerError, QUOTA_GUARD, QuotaController, install_quota_guard};
+pub use rotation::RotationController;
+pub use transport::{
+    Connector, HttpsConnector, IN_PROCESS_ENDPOINT, InProcessConnector, ProviderTransport,
+};
