@@ -8,7 +8,7 @@
 //! | `v` | protocol version ([`liqo_core::PROTOCOL_VERSION`]) | yes |
 //! | `id` | cluster id (DNS-1123 label) | yes |
 //! | `name` | cluster name, UTF-8, at most 63 bytes | no (defaults to the id) |
-//! | `ep` | peering endpoint, an `https://host:port` URL | yes |
+//! | `ep` | peering endpoint, an `https://host:port` URL (port 1-65535) | yes, unless the medium gives one ([`DiscoveryRecord::from_txt_with_endpoint`]) |
 //! | `fp` | `sha256:<hex>` fingerprint of the cluster's public key | no |
 //!
 //! Unknown keys are ignored (newer publishers may add some); a repeated known key, a missing
@@ -89,6 +89,9 @@ pub fn validate_endpoint(ep: &str) -> Result<(), String> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("{ep:?} has no host"));
     }
+    if url.port() == Some(0) {
+        return Err(format!("{ep:?} has port 0"));
+    }
     if !url.username().is_empty() || url.password().is_some() {
         return Err(format!("{ep:?} must not carry credentials"));
     }
@@ -96,6 +99,23 @@ pub fn validate_endpoint(ep: &str) -> Result<(), String> {
         return Err(format!("{ep:?} must be scheme, host and port only"));
     }
     Ok(())
+}
+
+/// The peering endpoint URL for a host and port as DNS gives them (`https://host:port`): a
+/// trailing dot of a fully qualified name is dropped and an IPv6 address is bracketed.
+///
+/// ```
+/// use liqo_discovery::record::endpoint_url;
+/// assert_eq!(endpoint_url("gw.example.org.", 8443), "https://gw.example.org:8443");
+/// assert_eq!(endpoint_url("fd00::1", 443), "https://[fd00::1]:443");
+/// ```
+pub fn endpoint_url(host: &str, port: u16) -> String {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("https://[{host}]:{port}")
+    } else {
+        format!("https://{host}:{port}")
+    }
 }
 
 impl DiscoveryRecord {
@@ -151,6 +171,28 @@ impl DiscoveryRecord {
 
     /// Decodes TXT entries (raw bytes each, as DNS carries them).
     pub fn from_txt<I, B>(entries: I) -> Result<Self, RecordError>
+    where
+        I: IntoIterator<Item = B>,
+        B: AsRef<[u8]>,
+    {
+        Self::decode(entries, None)
+    }
+
+    /// Decodes TXT entries where the medium supplies the peering endpoint itself (an SRV record
+    /// gives host and port): `endpoint` is used when the record has no `ep` key, and is validated
+    /// like one. With `endpoint` `None` this is [`from_txt`](Self::from_txt).
+    pub fn from_txt_with_endpoint<I, B>(
+        entries: I,
+        endpoint: Option<String>,
+    ) -> Result<Self, RecordError>
+    where
+        I: IntoIterator<Item = B>,
+        B: AsRef<[u8]>,
+    {
+        Self::decode(entries, endpoint)
+    }
+
+    fn decode<I, B>(entries: I, fallback_endpoint: Option<String>) -> Result<Self, RecordError>
     where
         I: IntoIterator<Item = B>,
         B: AsRef<[u8]>,
@@ -211,7 +253,7 @@ impl DiscoveryRecord {
             Some(n) if !n.is_empty() => n,
             _ => cluster_id.to_string(),
         };
-        let peering_endpoint = ep.ok_or(RecordError::Missing("ep"))?;
+        let peering_endpoint = ep.or(fallback_endpoint).ok_or(RecordError::Missing("ep"))?;
         validate_endpoint(&peering_endpoint)
             .map_err(|reason| RecordError::Invalid { key: "ep", reason })?;
         let key_fingerprint = fp
@@ -278,6 +320,8 @@ mod tests {
             (&["v=1", "id=A!", "ep=https://h:1"], "key \"id\""),
             (&["v=1", "id=a", "ep=http://h:1"], "must use https"),
             (&["v=1", "id=a", "ep=https://h:99999"], "not a URL"),
+            (&["v=1", "id=a", "ep=https://h:0"], "port 0"),
+            (&["v=1", "id=a", "ep=https://h:-1"], "not a URL"),
             (&["v=1", "id=a", "ep=https://u:p@h:1"], "credentials"),
             (&["v=1", "id=a", "ep=https://h:1/x"], "host and port only"),
             (&["v=1", "id=a", "ep=not a url"], "not a URL"),
@@ -295,6 +339,33 @@ mod tests {
             let err = decode(entries).unwrap_err().to_string();
             assert!(err.contains(want), "{entries:?}: {err:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn endpoint_from_the_medium_when_ep_is_absent() {
+        let entries = ["v=1", "id=a"];
+        let r = DiscoveryRecord::from_txt_with_endpoint(
+            entries.iter().map(|s| s.as_bytes()),
+            Some(endpoint_url("gw.example.org.", 7443)),
+        )
+        .unwrap();
+        assert_eq!(r.peering_endpoint, "https://gw.example.org:7443");
+        // The record's own `ep` wins over the medium's.
+        let entries = ["v=1", "id=a", "ep=https://h:1"];
+        let r = DiscoveryRecord::from_txt_with_endpoint(
+            entries.iter().map(|s| s.as_bytes()),
+            Some("https://other:2".into()),
+        )
+        .unwrap();
+        assert_eq!(r.peering_endpoint, "https://h:1");
+        // The medium's endpoint is validated like `ep`.
+        let err = DiscoveryRecord::from_txt_with_endpoint(
+            ["v=1", "id=a"].iter().map(|s| s.as_bytes()),
+            Some("http://h:1".into()),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("https"), "{err}");
+        assert_eq!(endpoint_url("10.0.0.1", 1), "https://10.0.0.1:1");
     }
 
     #[test]
