@@ -36,4 +36,10 @@ export LIQO_LAB_BIN_DIR
 rm -f "$bins_log" "$bins_log.out"
 log "lab binaries: $LIQO_LAB_BIN_DIR"
 
-cargo test --workspace --locked "$@"
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+status=0
+cargo test --workspace --locked "$@" 2>&1 | tee "$out" || status=$?
+# One closing line for the whole workspace (cargo prints one per test binary).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$out"
+exit "$status"
