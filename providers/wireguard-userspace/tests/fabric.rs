@@ -104,7 +104,9 @@ fn two_clusters(implementation: &str) {
         wg_before
     );
     assert!(
-        rules_before.contains("snat ip prefix to") || rules_before.contains("snat prefix to"),
+        rules_before.contains("ip saddr set ip saddr &")
+            && rules_before.contains("ip daddr set ip daddr &")
+            && !rules_before.contains("type nat"),
         "{rules_before}"
     );
     assert!(ping(&a1, seen(&la, b1_ip), 1));
