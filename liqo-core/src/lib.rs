@@ -12,7 +12,9 @@
 //!   [`ResourceOffer`], [`NetworkParameters`], [`Cidr`], [`CidrMapping`];
 //! - the custom resources in [`crds`] (`ForeignCluster`, `NamespaceOffloading`, `ResourceOffer`,
 //!   `VirtualNode`, `NetworkConfig`, `Tunnel`) with schema validation the API server enforces;
-//! - the [`Runtime`] that composes one provider per trait into a running agent.
+//! - the [`Runtime`] that composes one provider per trait into a running agent;
+//! - [`info`]: the [`ClusterInfo`] (id, name, peering endpoint, key fingerprint) a cluster
+//!   publishes about itself in ConfigMap `liqo-system/liqo-cluster-info`.
 //!
 //! A binary of your own is a few lines:
 //!
@@ -42,6 +44,7 @@ mod discovery;
 mod error;
 mod fabric;
 mod identity;
+pub mod info;
 mod network;
 mod offer;
 mod peering;
@@ -57,6 +60,7 @@ pub use discovery::{
 pub use error::{BoxError, DiscoveryError, FabricError, ParseError, PeeringError, ReflectionError};
 pub use fabric::{LinkState, LinkStatus, NetworkFabric, PeerLink};
 pub use identity::{ClusterId, ClusterIdentity, KeyFingerprint, PublicKey};
+pub use info::ClusterInfo;
 pub use network::{AddressTranslator, Cidr, CidrMapping, NetworkParameters, WireGuardKey};
 pub use offer::ResourceOffer;
 pub use peering::{

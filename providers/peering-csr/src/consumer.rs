@@ -26,7 +26,8 @@ use crate::{
     identity::LocalIdentity,
     names::{
         self, CONSUMER_MANAGER, ENDPOINT_ANNOTATION, EXPIRES_ANNOTATION,
-        KEY_FINGERPRINT_ANNOTATION, KUBECONFIG_KEY, PeerLocks, SIDE_CONSUMER, kube_err,
+        KEY_FINGERPRINT_ANNOTATION, KUBECONFIG_KEY, PIN_MISMATCH, PeerLocks, SIDE_CONSUMER,
+        kube_err,
     },
     nonce::Purpose,
     policy::NetworkSource,
@@ -157,7 +158,7 @@ impl Consumer {
             && pinned != actual
         {
             return Err(reject(format!(
-                "the provider's key {actual} is not the pinned {pinned}"
+                "the provider's key {actual} is {PIN_MISMATCH} {pinned}"
             )));
         }
         Ok(())
@@ -387,6 +388,61 @@ impl Consumer {
         }
     }
 
+    /// What this consumer holds from `provider` in its cluster.
+    pub(crate) async fn held(&self, provider: &ClusterId) -> Result<Held, PeeringError> {
+        let ns = names::tenant_namespace(provider)?;
+        let secret_name = names::kubeconfig_secret(provider);
+        let secret = Api::<Secret>::namespaced(self.client.clone(), &ns)
+            .get_opt(&secret_name)
+            .await
+            .map_err(kube_err(format!("reading Secret {ns}/{secret_name}")))?;
+        let virtual_node = Api::<VirtualNode>::namespaced(self.client.clone(), &ns)
+            .get_opt(provider.as_str())
+            .await
+            .map_err(kube_err(format!("reading VirtualNode {ns}/{provider}")))?
+            .is_some();
+        let offer = Api::<ResourceOffer>::namespaced(self.client.clone(), &ns)
+            .get_opt(provider.as_str())
+            .await
+            .map_err(kube_err(format!("reading ResourceOffer {ns}/{provider}")))?
+            .is_some();
+        Ok(Held {
+            secret,
+            virtual_node,
+            offer,
+        })
+    }
+
+    /// Releases `provider` for the peering controller: the remote release first, and local
+    /// removal only once the provider confirmed it (or no longer recognises us), so a provider
+    /// that cannot be reached keeps the credential here for the next attempt (no tenant is
+    /// orphaned on the provider). With nothing stored, removes leftovers and our conditions.
+    pub(crate) async fn release_confirmed(&self, provider: &ClusterId) -> Result<(), PeeringError> {
+        let _guard = self.locks.lock(provider).await;
+        let held = self.held(provider).await?;
+        let Some(secret) = &held.secret else {
+            if held.any() {
+                return self.remove_local(provider).await;
+            }
+            return foreign::clear(&self.client, provider, Side::Consumer).await;
+        };
+        match target_of(provider, secret) {
+            Some(target) => match self.release_remote(&target).await {
+                Ok(()) => {}
+                Err(e @ (PeeringError::Unreachable { .. } | PeeringError::Refused { .. })) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::warn!(%provider, error = %e, "the provider no longer recognises this peering; removing it here only");
+                }
+            },
+            None => {
+                tracing::warn!(%provider, "the stored credential does not say where the provider is; removing it here only")
+            }
+        }
+        self.remove_local(provider).await
+    }
+
     async fn release_remote(&self, target: &PeeringTarget) -> Result<(), PeeringError> {
         let transport: Arc<dyn ProviderTransport> = self.connector.connect(target)?;
         let (provider, challenge) = transport
@@ -490,6 +546,47 @@ impl Consumer {
     /// refused with a clear reason.
     pub async fn provider_client(&self, provider: &ClusterId) -> Result<Client, PeeringError> {
         credential::client_from_kubeconfig(provider, &self.kubeconfig(provider).await?).await
+    }
+}
+
+/// What a consumer holds from one provider.
+#[derive(Debug)]
+pub(crate) struct Held {
+    /// The kubeconfig Secret.
+    pub(crate) secret: Option<Secret>,
+    /// Whether the VirtualNode exists.
+    pub(crate) virtual_node: bool,
+    /// Whether the consumer-side ResourceOffer exists.
+    pub(crate) offer: bool,
+}
+
+impl Held {
+    /// Whether anything of a peering is stored.
+    pub(crate) fn any(&self) -> bool {
+        self.secret.is_some() || self.virtual_node || self.offer
+    }
+
+    /// Whether the stored grant is complete, unexpired and from the key `pinned` (if any).
+    pub(crate) fn usable(&self, pinned: Option<KeyFingerprint>, now: SystemTime) -> bool {
+        let Some(secret) = &self.secret else {
+            return false;
+        };
+        if !self.virtual_node || !self.offer {
+            return false;
+        }
+        if let Some(pinned) = pinned
+            && secret.annotations().get(KEY_FINGERPRINT_ANNOTATION) != Some(&pinned.to_string())
+        {
+            return false;
+        }
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(KUBECONFIG_KEY))
+            .and_then(|b| std::str::from_utf8(&b.0).ok())
+            .and_then(|k| credential::kubeconfig_certificate(k).ok())
+            .and_then(|c| credential::certificate_validity(&c).ok())
+            .is_some_and(|(_, not_after)| not_after > now)
     }
 }
 

@@ -64,7 +64,7 @@ pub(crate) struct Stage<'a> {
     pub(crate) message: String,
 }
 
-/// Extra status fields the consumer role records.
+/// Extra status fields a role records (the provider role records only `network`).
 #[derive(Default)]
 pub(crate) struct ConsumerFields {
     pub(crate) remote_namespace: Option<String>,
@@ -280,6 +280,17 @@ async fn write(
                 if let Some(n) = &status.network {
                     body["status"]["network"] = serde_json::to_value(n).unwrap_or_default();
                 }
+            }
+        } else {
+            // The provider records the consumer's network from its request (the network
+            // controller connects from `status.network` on both sides), and keeps it while it
+            // still holds a stage.
+            let keep = all.iter().any(|c| own.contains(&c.type_.as_str()));
+            let network = extra
+                .and_then(|e| e.network.as_ref())
+                .or(status.network.as_ref().filter(|_| keep));
+            if let Some(n) = network {
+                body["status"]["network"] = serde_json::to_value(n).unwrap_or_default();
             }
         }
         match api

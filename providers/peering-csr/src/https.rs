@@ -47,7 +47,8 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::{
-    identity::LocalIdentity, nonce::Purpose, provider::Provider, transport::ProviderTransport,
+    identity::LocalIdentity, names::PIN_MISMATCH, nonce::Purpose, provider::Provider,
+    transport::ProviderTransport,
 };
 
 const MAX_BODY: usize = 64 * 1024;
@@ -388,7 +389,7 @@ impl ServerCertVerifier for PinnedKey {
             && expected != &fp
         {
             return Err(rustls::Error::General(format!(
-                "peering endpoint presented key {fp}, not the pinned {expected}"
+                "peering endpoint presented key {fp}, {PIN_MISMATCH} {expected}"
             )));
         }
         *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp);

@@ -33,16 +33,24 @@
 //!
 //! Both ends write one condition per stage on the peer's `ForeignCluster` (see [`foreign`]).
 //!
-//! ## Two ways in
+//! ## Three ways in
 //! * **One command** ([`peer`], [`unpeer`], [`AdminPeering`]): the admin holds both kubeconfigs;
 //!   the handshake runs in process, through the same code.
 //! * **Peer to peer** ([`PeeringServer`], [`HttpsConnector`]): the provider serves HTTPS with a
 //!   certificate made from its identity key; a consumer that knows only the endpoint (and, from
 //!   discovery, the fingerprint) pins that key instead of trusting a CA.
+//! * **Declarative** ([`PeeringController`], on the consumer): set `spec.role` to `Provider` or
+//!   `Both` on the provider's `ForeignCluster` (with `spec.peeringEndpoint` and
+//!   `spec.publicKeyFingerprint`, e.g. from the provider's published
+//!   [`ClusterInfo`](liqo_core::ClusterInfo)) and the consumer's agent peers over HTTPS; set it to
+//!   `None` or delete the object and it releases (finalizer [`names::PEERING_FINALIZER`]).
+//!   Failures show as conditions whose reason says what to do next, with Events.
 //!
 //! ## Least privilege
 //! In its tenant namespace the consumer may manage `remotenamespaces.liqo.io` (its requests for
-//! twin namespaces) and read `resourceoffers.liqo.io`; nothing else, nowhere else ([`tenant_rules`]).
+//! twin namespaces), read `resourceoffers.liqo.io`, and publish its view of the network link as
+//! `networkconfigs.liqo.io` (get, list, watch, create, patch, update; `status`: get, patch,
+//! update; no delete); nothing else, nowhere else ([`tenant_rules`]).
 //! Pods and the rest are granted per twin namespace by liqo-vk's `liqo-offloading` ClusterRole.
 //!
 //! ## Governance
@@ -69,9 +77,12 @@
 //! `approval` subresource with `approve` on signer `kubernetes.io/kube-apiserver-client`,
 //! subjectaccessreviews (create), resourcequotas, limitranges, pods (list, delete: drain), nodes
 //! (list: share-of-free offers), validatingadmissionpolicies and bindings (the quota guard),
-//! `resourceoffers`, `foreignclusters` (and `/status`), events. Consumer role: namespaces,
-//! secrets, `resourceoffers` (and `/status`), `virtualnodes`, `foreignclusters` (and `/status`),
-//! events.
+//! `resourceoffers`, `foreignclusters` (and `/status`), events, and every right the tenant Role
+//! grants (`remotenamespaces`, `resourceoffers`, `networkconfigs` and `networkconfigs/status`) or
+//! `escalate` on roles. Consumer role: namespaces, secrets, `resourceoffers` (and `/status`),
+//! `virtualnodes`, `foreignclusters` (and `/status`), events. The [`PeeringController`]
+//! additionally needs `foreignclusters`: get, list, watch, patch (its finalizer); and
+//! get on `secrets`, `resourceoffers` and `virtualnodes` in tenant namespaces.
 //!
 //! ## Kubernetes objects, all labelled `liqo.io/managed-by=liqo-peering`
 //! Per cluster: the identity Secret. Per peering, on the provider: the tenant namespace and, in
@@ -85,6 +96,7 @@
 
 mod authority;
 mod consumer;
+mod controller;
 pub mod credential;
 pub mod foreign;
 pub mod https;
@@ -100,6 +112,7 @@ mod transport;
 
 pub use authority::{AdminPeering, CsrAuthority, peer, unpeer};
 pub use consumer::Consumer;
+pub use controller::PeeringController;
 pub use credential::{ApiEndpoint, CredentialError, client_from_kubeconfig};
 pub use https::{HttpsTransport, PeeringServer, ServerError};
 pub use identity::{

@@ -42,6 +42,18 @@ pub const TENANT_ROLE: &str = "liqo-consumer";
 /// `liqo.io/managed-by` value of twin namespaces (made by liqo-vk's provider-side controller).
 pub const TWIN_NAMESPACE_MANAGER: &str = "liqo-vk";
 
+/// Finalizer the [`PeeringController`](crate::PeeringController) keeps on a `ForeignCluster` while
+/// a consumer-side peering with that cluster exists (or is being made), so deleting the
+/// `ForeignCluster` releases the peering first.
+pub const PEERING_FINALIZER: &str = "liqo.io/peering";
+
+/// Words every "the key is not the pinned one" error carries (the TLS pin check and the identity
+/// check), so the controller can tell a fingerprint mismatch from other failures even when the
+/// error crossed the wire as text.
+pub(crate) const PIN_MISMATCH: &str = "not the pinned";
+/// Words the provider's refusal carries while a manual approval is pending.
+pub(crate) const AWAITING_APPROVAL: &str = "awaiting manual approval";
+
 /// Longest cluster id whose `liqo-tenant-<id>` name fits a namespace name (63 characters).
 pub const MAX_TENANT_ID_LEN: usize = 63 - "liqo-tenant-".len();
 

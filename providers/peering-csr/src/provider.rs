@@ -29,8 +29,8 @@ use crate::{
     foreign::{self, Side, Stage},
     identity::{LocalIdentity, verify_signature},
     names::{
-        self, APPROVED_ANNOTATION, KEY_FINGERPRINT_ANNOTATION, MANAGED_BY_VALUE, PROVIDER_MANAGER,
-        PeerLocks, SIDE_PROVIDER, TENANT_ROLE, TWIN_NAMESPACE_MANAGER, kube_err,
+        self, APPROVED_ANNOTATION, AWAITING_APPROVAL, KEY_FINGERPRINT_ANNOTATION, MANAGED_BY_VALUE,
+        PROVIDER_MANAGER, PeerLocks, SIDE_PROVIDER, TENANT_ROLE, TWIN_NAMESPACE_MANAGER, kube_err,
     },
     nonce::{NonceStore, Purpose},
     policy::{NetworkSource, OfferPolicy, PeeringPolicy},
@@ -346,7 +346,7 @@ impl Provider {
             fc.name_any()
         )))?;
         let reason = format!(
-            "awaiting manual approval: annotate foreignclusters.liqo.io/{} with {APPROVED_ANNOTATION}=true",
+            "{AWAITING_APPROVAL}: annotate foreignclusters.liqo.io/{} with {APPROVED_ANNOTATION}=true",
             fc.name_any()
         );
         foreign::set_stages(
@@ -535,7 +535,11 @@ impl Provider {
                     ),
                 },
             ],
-            None,
+            // The consumer's network, for the network controller (`status.network`).
+            Some(&foreign::ConsumerFields {
+                remote_namespace: None,
+                network: Some(request.network.clone()),
+            }),
         )
         .await?;
         foreign::event(
@@ -798,7 +802,9 @@ impl Provider {
 }
 
 /// The rules of the consumer's Role in its tenant namespace: request twin namespaces, read its
-/// offer. Nothing else; pods and the rest are granted per twin namespace by liqo-vk.
+/// offer, and publish its view of the network link (`networkconfigs`, and their `status`: the
+/// network view exchange of liqo-net). Nothing else (no delete of network configs, nothing in
+/// any other namespace); pods and the rest are granted per twin namespace by liqo-vk.
 pub fn tenant_rules() -> Vec<PolicyRule> {
     let group = liqo_core::crds::GROUP.to_owned();
     vec![
@@ -813,9 +819,23 @@ pub fn tenant_rules() -> Vec<PolicyRule> {
             ..PolicyRule::default()
         },
         PolicyRule {
-            api_groups: Some(vec![group]),
+            api_groups: Some(vec![group.clone()]),
             resources: Some(vec!["resourceoffers".into()]),
             verbs: ["get", "list", "watch"].map(String::from).to_vec(),
+            ..PolicyRule::default()
+        },
+        PolicyRule {
+            api_groups: Some(vec![group.clone()]),
+            resources: Some(vec!["networkconfigs".into()]),
+            verbs: ["get", "list", "watch", "create", "patch", "update"]
+                .map(String::from)
+                .to_vec(),
+            ..PolicyRule::default()
+        },
+        PolicyRule {
+            api_groups: Some(vec![group]),
+            resources: Some(vec!["networkconfigs/status".into()]),
+            verbs: ["get", "patch", "update"].map(String::from).to_vec(),
             ..PolicyRule::default()
         },
     ]

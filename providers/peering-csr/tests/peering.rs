@@ -4,6 +4,8 @@
 //! identities), except the one-command test, which uses the clusters' real identity Secrets.
 
 mod common;
+#[path = "peering_controller/mod.rs"]
+mod peering_controller;
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -28,7 +30,7 @@ use liqo_core::{
     PeeringError, PeeringRequest, PeeringTarget,
     conditions::{find, is_true},
     crds::{
-        ForeignCluster, PeeringRole, RemoteNamespace, ResourceOffer, VirtualNode,
+        ForeignCluster, NetworkConfig, PeeringRole, RemoteNamespace, ResourceOffer, VirtualNode,
         foreign_cluster_condition as cond,
     },
 };
@@ -206,6 +208,27 @@ async fn rbac_is_tight() -> TestResult {
     )
     .await?;
     rns.delete("web", &DeleteParams::default()).await?;
+    // The network view exchange: it publishes its NetworkConfigs (and their status) there.
+    Api::<NetworkConfig>::namespaced(remote.clone(), own)
+        .list(&ListParams::default())
+        .await?;
+    for (verb, sub) in [
+        ("get", ""),
+        ("list", ""),
+        ("watch", ""),
+        ("create", ""),
+        ("patch", ""),
+        ("update", ""),
+        ("get", "status"),
+        ("patch", "status"),
+        ("update", "status"),
+    ] {
+        assert!(
+            can_sub(&remote, verb, "liqo.io", "networkconfigs", sub, own).await?,
+            "{verb} networkconfigs/{sub} in its tenant"
+        );
+    }
+    assert!(!can_sub(&remote, "create", "liqo.io", "networkconfigs", "", foreign).await?);
 
     let mut attempts = 0;
     let mut denied = |result: Result<(), kube::Error>, what: &str| {
@@ -333,7 +356,26 @@ async fn rbac_is_tight() -> TestResult {
             .map(drop),
         "list CSRs (to mint credentials)",
     );
-    assert_eq!(attempts, 16, "every attempt above was made and denied");
+    let netcfg = |ns: &str| Api::<NetworkConfig>::namespaced(remote.clone(), ns);
+    denied(
+        netcfg(own)
+            .delete("anything", &DeleteParams::default())
+            .await
+            .map(drop),
+        "delete a NetworkConfig in its tenant",
+    );
+    denied(
+        netcfg(foreign).list(&ListParams::default()).await.map(drop),
+        "list another tenant's NetworkConfigs",
+    );
+    denied(
+        netcfg("default")
+            .list(&ListParams::default())
+            .await
+            .map(drop),
+        "list NetworkConfigs outside its tenant",
+    );
+    assert_eq!(attempts, 19, "every attempt above was made and denied");
 
     c.release(&id("rbac-prov")).await?;
     other.release(&id("rbac-prov")).await?;

@@ -138,6 +138,36 @@ pub fn assert_forbidden<T: std::fmt::Debug>(result: Result<T, kube::Error>, what
     }
 }
 
+/// Whether the API server lets `client` do `verb` on `resource`'s `subresource` (empty: the
+/// resource itself) in `namespace` (asks it).
+pub async fn can_sub(
+    client: &Client,
+    verb: &str,
+    group: &str,
+    resource: &str,
+    subresource: &str,
+    namespace: &str,
+) -> BoxResult<bool> {
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(namespace.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                subresource: (!subresource.is_empty()).then(|| subresource.into()),
+                verb: Some(verb.into()),
+                ..ResourceAttributes::default()
+            }),
+            ..SelfSubjectAccessReviewSpec::default()
+        },
+        ..SelfSubjectAccessReview::default()
+    };
+    let answer = Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
 /// Whether the API server lets `client` do `verb` on `resource` in `namespace` (asks it).
 pub async fn can(
     client: &Client,
