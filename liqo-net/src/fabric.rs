@@ -14,6 +14,7 @@ use wireguard_control::Key;
 use crate::{
     backend::WireGuardBackend,
     checker::{LinkChecker, LinkSource},
+    controller::{GatewayFabric, TunnelInfo},
     gateway::{Gateway, GatewayConfig, GatewayPeer},
     ipam::{Allocation, Ipam, IpamConfig},
     store::AllocationStore,
@@ -48,13 +49,16 @@ struct Inner<B: WireGuardBackend> {
 ///
 /// Traffic in the tunnel uses per-peer remapped ranges (see [`crate::nat`]), so each side must
 /// learn how the other addresses it: hand the peer's [`PeerLink::remote_mappings`] to
-/// [`set_local_mappings`](Self::set_local_mappings). Until then the fabric assumes the peer
-/// kept this cluster's CIDRs, which is right whenever they did not clash on its side.
+/// [`set_local_mappings`](Self::set_local_mappings); the
+/// [`NetworkController`](crate::NetworkController) does so from the view the peer publishes.
+/// Until then the fabric assumes the peer kept this cluster's CIDRs, which is right whenever
+/// they did not clash on its side.
 pub struct WireGuardFabric<B: WireGuardBackend, S: AllocationStore> {
     inner: Arc<Mutex<Inner<B>>>,
     store: S,
     local: NetworkParameters,
     public_key: liqo_core::WireGuardKey,
+    info: TunnelInfo,
     watcher: JoinHandle<()>,
 }
 
@@ -63,6 +67,16 @@ impl<B: WireGuardBackend, S: AllocationStore> std::fmt::Debug for WireGuardFabri
         f.debug_struct("WireGuardFabric")
             .field("local", &self.local)
             .finish_non_exhaustive()
+    }
+}
+
+/// The `Tunnel` backend kind of a [`WireGuardBackend::name`].
+fn backend_kind(name: &str) -> liqo_core::crds::WireGuardBackend {
+    use liqo_core::crds::WireGuardBackend as K;
+    match name {
+        "wireguard-go" => K::WireGuardGo,
+        "boringtun" => K::Boringtun,
+        _ => K::Kernel,
     }
 }
 
@@ -98,8 +112,16 @@ impl<B: WireGuardBackend, S: AllocationStore> WireGuardFabric<B, S> {
         let mut ipam = Ipam::new(&config.local, config.ipam)?;
         ipam.restore(store.load().await?)?;
         let backend = Arc::new(backend);
+        let gateway_config = config.gateway.clone();
         let gateway = Gateway::start(backend.clone(), config.gateway, private_key).await?;
         let public_key = gateway.public_key();
+        let info = TunnelInfo {
+            interface: gateway_config.interface.clone(),
+            backend: backend_kind(backend.name()),
+            public_key,
+            mtu: gateway_config.mtu,
+            persistent_keepalive: gateway_config.persistent_keepalive,
+        };
         let mut local = config.local;
         local.wireguard_public_key = Some(public_key);
         let inner = Arc::new(Mutex::new(Inner {
@@ -132,6 +154,7 @@ impl<B: WireGuardBackend, S: AllocationStore> WireGuardFabric<B, S> {
             store,
             local,
             public_key,
+            info,
             watcher,
         })
     }
@@ -349,5 +372,24 @@ impl<B: WireGuardBackend, S: AllocationStore> LinkSource for WireGuardFabric<B, 
             out.insert(c, s);
         }
         Ok(out)
+    }
+}
+
+#[async_trait]
+impl<B: WireGuardBackend, S: AllocationStore> GatewayFabric for WireGuardFabric<B, S> {
+    async fn set_local_mappings(
+        &self,
+        cluster: &ClusterId,
+        mappings: Vec<CidrMapping>,
+    ) -> Result<Option<PeerLink>, FabricError> {
+        WireGuardFabric::set_local_mappings(self, cluster, mappings).await
+    }
+
+    fn tunnel_info(&self) -> TunnelInfo {
+        self.info.clone()
+    }
+
+    async fn shutdown(&self) -> Result<(), FabricError> {
+        WireGuardFabric::shutdown(self).await
     }
 }

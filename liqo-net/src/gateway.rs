@@ -1,11 +1,11 @@
 //! The gateway: one WireGuard interface with one peer per remote cluster, its routes, policy
 //! rules and NAT, kept equal to a desired state.
 //!
-//! The gateway acts in the network namespace of the process that runs it, as a real gateway
-//! runs inside its own pod's namespace. Nothing here switches namespaces: tests and benchmarks
-//! start a gateway agent process inside each namespace (`ip netns exec`), which exercises the
-//! same code an agent runs and keeps namespace juggling (and its `setns` per thread subtleties)
-//! out of the library.
+//! The gateway acts in the network namespace of the thread that runs it, as a real gateway
+//! runs inside its own pod's namespace. Nothing here switches namespaces: an agent living in
+//! another namespace runs the gateway through [`crate::netns::Netns`] (a dedicated thread that
+//! entered the gateway's namespace); the benchmarks start a gateway agent process inside each
+//! namespace (`ip netns exec`).
 //!
 //! [`Gateway::apply`] converges everything from the desired state, so it is idempotent and is
 //! also how the gateway recovers when a userspace daemon restarted with an empty interface.

@@ -10,7 +10,12 @@
 //! - [`gateway`]: one WireGuard interface, a peer per remote cluster, converged by `apply`;
 //! - [`checker`]: link status from handshakes, the `NetworkReady` condition;
 //! - [`WireGuardFabric`]: the [`NetworkFabric`](liqo_core::NetworkFabric) over all of them,
-//!   generic over a [`WireGuardBackend`].
+//!   generic over a [`WireGuardBackend`];
+//! - [`netns`]: running a fabric inside a named network namespace from any runtime
+//!   ([`Netns`], [`NetnsFabric`]);
+//! - [`controller`]: the [`NetworkController`] that connects peers from their `ForeignCluster`,
+//!   exchanges each side's view of the other's networks (the protocol is described there),
+//!   and reports links as the `NetworkReady` condition and `Tunnel` objects.
 //!
 //! ## How two clusters with the same pod CIDR talk
 //!
@@ -22,21 +27,26 @@
 //! A, and replies go back through conntrack. Each gateway translates only its own pods, every
 //! address in the tunnel is unique per peer, and one interface serves every peer.
 //!
-//! All of it acts in the network namespace of the calling process.
+//! All of it acts in the network namespace of the calling thread; [`Netns`] runs it in
+//! another one.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
 pub mod backend;
 pub mod checker;
+pub mod controller;
 mod fabric;
 pub mod gateway;
 pub mod ipam;
 pub mod nat;
+pub mod netns;
 pub mod routes;
 pub mod store;
 
 pub use backend::{WireGuardBackend, generate_private_key, parse_private_key, public_key_of};
+pub use controller::{GatewayFabric, Links, NetError, NetworkController, TunnelInfo};
 pub use fabric::{FabricConfig, WireGuardFabric, resolve_endpoint};
 pub use gateway::{Gateway, GatewayConfig, GatewayPeer};
 pub use ipam::{Allocation, Ipam, IpamConfig};
+pub use netns::{Netns, NetnsError, NetnsFabric};
 pub use wireguard_control;
