@@ -6,7 +6,13 @@
 #   - LIQO_LAB_BIN_DIR points at a directory that already has all five binaries, or
 #   - the cache (LIQO_LAB_CACHE, default ~/.cache/liqo-lab) has binaries of the pinned versions.
 # KUBEBUILDER_ASSETS (envtest) may supply etcd and kube-apiserver; the rest are built.
+#
+# `--kubectl` also makes sure a kubectl of the same version is there (the demo uses it when the
+# machine has none); it is not needed by the tests.
 set -euo pipefail
+
+WITH_KUBECTL=0
+[ "${1:-}" = "--kubectl" ] && WITH_KUBECTL=1
 
 K8S_VERSION="${LIQO_LAB_K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${LIQO_LAB_ETCD_VERSION:-v3.6.16}"
@@ -23,13 +29,14 @@ have_all() {
 
 if [ -n "${LIQO_LAB_BIN_DIR:-}" ]; then
   have_all "$LIQO_LAB_BIN_DIR" || die "LIQO_LAB_BIN_DIR=$LIQO_LAB_BIN_DIR lacks one of: ${BINS[*]}"
+  [ "$WITH_KUBECTL" = 0 ] || [ -x "$LIQO_LAB_BIN_DIR/kubectl" ] || die "LIQO_LAB_BIN_DIR=$LIQO_LAB_BIN_DIR lacks kubectl"
   log "using binaries in LIQO_LAB_BIN_DIR=$LIQO_LAB_BIN_DIR"
   echo "$LIQO_LAB_BIN_DIR"; exit 0
 fi
 
 CACHE="${LIQO_LAB_CACHE:-$HOME/.cache/liqo-lab}"
 OUT="$CACHE/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION"
-if have_all "$OUT"; then
+if have_all "$OUT" && { [ "$WITH_KUBECTL" = 0 ] || [ -x "$OUT/kubectl" ]; }; then
   log "cached: $OUT"; echo "$OUT"; exit 0
 fi
 
@@ -66,6 +73,7 @@ build_kube() {
     echo "  k8s.io/kubernetes/cmd/kube-apiserver"
     echo "  k8s.io/kubernetes/cmd/kube-controller-manager"
     echo "  k8s.io/kubernetes/cmd/kube-scheduler"
+    echo "  k8s.io/kubernetes/cmd/kubectl"
     echo ")"
     grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$gomod" | awk -v v="$stagever" '{print "replace " $1 " => " $1 " " v}'
   } >"$src/go.mod"
@@ -76,7 +84,9 @@ build_kube() {
   for p in $pkg $cpkg; do
     ld="$ld -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
   done
-  for b in kube-apiserver kube-controller-manager kube-scheduler; do
+  local bins=(kube-apiserver kube-controller-manager kube-scheduler)
+  [ "$WITH_KUBECTL" = 1 ] && bins+=(kubectl)
+  for b in "${bins[@]}"; do
     [ -x "$OUT/$b" ] && continue
     log "building $b $K8S_VERSION (slow the first time)"
     (cd "$src" && go build -trimpath -tags selinux,notest -ldflags "$ld" -o "$OUT/$b.tmp" "k8s.io/kubernetes/cmd/$b" >&2)

@@ -162,6 +162,47 @@ pub enum LabError {
     #[error("{0} must be called inside a Tokio runtime")]
     NoRuntime(&'static str),
 
+    /// A network command of the data plane (`ip ...`) failed.
+    #[error("data plane: `{command}` failed: {message}")]
+    NetCommand {
+        /// The command line that was run.
+        command: String,
+        /// Its standard error, or why it could not run.
+        message: String,
+    },
+
+    /// The data plane could not start, run or stop (see [`DataPlane`](crate::DataPlane)).
+    #[error("data plane: {0}")]
+    DataPlane(String),
+
+    /// No network namespace exists for the pod: it is not labelled
+    /// [`NETNS_LABEL`](crate::NETNS_LABEL)`=true`, not bound to a lab worker node, has no IP yet,
+    /// or the data plane does not serve its cluster.
+    #[error(
+        "no network namespace for pod {namespace}/{pod} in cluster {cluster:?} (is the data plane \
+         running, and is the pod labelled lab.liqo.io/netns=true, Running on a lab worker node \
+         and given an IPv4 address?)"
+    )]
+    NoPodNetwork {
+        /// The cluster.
+        cluster: String,
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's name.
+        pod: String,
+    },
+
+    /// An HTTP request made from inside a pod's network namespace failed.
+    #[error("HTTP GET {url} from network namespace {netns}: {message}")]
+    Http {
+        /// The network namespace the request was made from.
+        netns: String,
+        /// The URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// The process-wide shared lab (see [`shared`](crate::shared)) failed to start earlier.
     #[error("the shared lab failed to start: {0}")]
     Shared(String),

@@ -201,6 +201,7 @@ impl Lab {
                 .collect(),
             port_reservations: self.ports.iter().map(|p| p.path().to_owned()).collect(),
             reservation_token: me.to_string(),
+            dataplane: None,
         }
     }
 

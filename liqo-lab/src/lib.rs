@@ -61,6 +61,14 @@
 //! <root>/<cluster>/users/                  kubeconfigs made by Cluster::user_kubeconfig
 //! ```
 //!
+//! ## Data plane
+//! [`DataPlane::start`] gives a lab real networking for chosen pods: a gateway network namespace
+//! per cluster on a shared "wan" bridge (192.168.240.0/24), and for every pod labelled
+//! [`NETNS_LABEL`]`=true` on a lab worker node a namespace with the pod's IP behind its cluster's
+//! gateway, running a one-line HTTP server ([`DataPlane::http_get`] calls it from another pod).
+//! `liqo-lab up --dataplane` runs it in a background process for a detached lab
+//! ([`start_dataplane_daemon`]); `liqo-lab http` sends a request from a pod's namespace.
+//!
 //! ## Sharing one lab per test binary
 //! Starting a lab takes seconds; [`shared`] starts one per test binary on first use and hands the
 //! same `&'static Lab` to every test. Each `#[tokio::test]` has its own runtime, so get clients
@@ -70,6 +78,7 @@
 
 mod binaries;
 mod cluster;
+mod dataplane;
 mod error;
 mod kubeconfig;
 mod lab;
@@ -87,6 +96,11 @@ pub use binaries::{
 };
 pub use cluster::{
     Cluster, Component, KWOK_NODE_ANNOTATION, KWOK_NODE_ANNOTATION_VALUE, LAB_CLUSTER_LABEL,
+};
+pub use dataplane::{
+    DEFAULT_POD_PORT, DataPlane, DataPlaneRecord, Gateway, NETNS_DIR, NETNS_LABEL, PodNetwork,
+    WAN_INTERFACE, WAN_NETWORK, dataplane_id, gateway_netns_name, http_get_in, netns_path,
+    pod_netns_name, run_daemon as run_dataplane_daemon, start_daemon as start_dataplane_daemon,
 };
 pub use error::{ComponentFailure, LabError, Result};
 pub use ipnet::IpNet;

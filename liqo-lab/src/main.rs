@@ -1,6 +1,7 @@
 //! `liqo-lab`: start, inspect and stop a detached lab of real Kubernetes control planes.
 
 use std::{
+    ffi::OsString,
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -38,15 +39,22 @@ struct Cli {
 enum Command {
     /// Start a lab that keeps running after this command returns.
     Up {
-        /// Number of clusters.
-        #[arg(long, default_value_t = 2)]
-        clusters: usize,
+        /// Number of clusters [default: 2, or the number of --names].
+        #[arg(long)]
+        clusters: Option<usize>,
         /// Clusters are named <prefix>-1, <prefix>-2, ...
         #[arg(long, default_value = "cluster")]
         name_prefix: String,
+        /// Explicit cluster names, comma-separated (e.g. `a,b,c`); overrides --name-prefix.
+        #[arg(long, value_delimiter = ',')]
+        names: Option<Vec<String>>,
         /// Pod CIDR of every cluster (the same for all: overlapping on purpose).
         #[arg(long, default_value = DEFAULT_POD_CIDR)]
         pod_cidr: IpNet,
+        /// Pod CIDR of each cluster, comma-separated, one per cluster in order (e.g.
+        /// `10.244.0.0/16,10.244.0.0/16,10.245.0.0/16`); overrides --pod-cidr.
+        #[arg(long, value_delimiter = ',', conflicts_with = "pod_cidr")]
+        pod_cidrs: Option<Vec<IpNet>>,
         /// Service CIDR of every cluster.
         #[arg(long, default_value = DEFAULT_SERVICE_CIDR)]
         service_cidr: IpNet,
@@ -65,11 +73,46 @@ enum Command {
         /// Seconds to wait for each start-up phase.
         #[arg(long, default_value_t = 240)]
         timeout: u64,
+        /// Also run the data plane in a background process: a gateway network namespace per
+        /// cluster on a shared "wan" bridge, and a network namespace with an HTTP server for
+        /// every pod labelled lab.liqo.io/netns=true on a lab worker node.
+        #[arg(long)]
+        dataplane: bool,
     },
-    /// Show the lab's clusters; exits non-zero if no lab is up.
-    Status,
-    /// Stop the lab and remove its state (succeeds when no lab is up).
+    /// Show the lab's clusters (and data plane); exits non-zero if no lab is up.
+    Status {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Stop the lab (and its data plane) and remove its state (succeeds when no lab is up).
     Down,
+    /// Send an HTTP GET from inside a pod's network namespace (needs `up --dataplane`) and print
+    /// the answer's body; exits non-zero on any failure.
+    Http {
+        /// The cluster of the pod.
+        #[arg(long)]
+        cluster: String,
+        /// The pod, as NAMESPACE/NAME.
+        #[arg(long)]
+        pod: String,
+        /// Seconds the whole request may take.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        /// `http://<IP>[:port][/path]` (no DNS inside pod namespaces).
+        url: String,
+    },
+    /// Run the data plane of the lab until SIGTERM (started by `up --dataplane`).
+    #[command(hide = true)]
+    DataplaneDaemon,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    /// A table.
+    Table,
+    /// JSON.
+    Json,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -97,32 +140,49 @@ async fn main() -> ExitCode {
         Command::Up {
             clusters,
             name_prefix,
+            names,
             pod_cidr,
+            pod_cidrs,
             service_cidr,
             workers,
             worker_cpu,
             worker_memory,
             worker_pods,
             timeout,
+            dataplane,
         } => {
             let size = WorkerSpec::new(worker_cpu, worker_memory, worker_pods);
-            let specs = (1..=clusters).map(|i| {
-                ClusterSpec::new(format!("{name_prefix}-{i}"))
-                    .pod_cidr(pod_cidr)
-                    .service_cidr(service_cidr)
-                    .workers(workers, size.clone())
-            });
-            let mut spec = LabSpec::new(specs)
-                .root(&dir)
-                .lifetime(Lifetime::Detached)
-                .ready_timeout(Duration::from_secs(timeout));
-            if let Some(b) = cli.binaries {
-                spec = spec.binaries(b);
+            match cluster_specs(clusters, &name_prefix, names, pod_cidr, pod_cidrs) {
+                Ok(named) => {
+                    let specs = named.into_iter().map(|(name, cidr)| {
+                        ClusterSpec::new(name)
+                            .pod_cidr(cidr)
+                            .service_cidr(service_cidr)
+                            .workers(workers, size.clone())
+                    });
+                    let mut spec = LabSpec::new(specs)
+                        .root(&dir)
+                        .lifetime(Lifetime::Detached)
+                        .ready_timeout(Duration::from_secs(timeout));
+                    if let Some(b) = cli.binaries {
+                        spec = spec.binaries(b);
+                    }
+                    up(&dir, spec, dataplane).await
+                }
+                Err(e) => Err(e),
             }
-            up(&dir, spec).await
         }
-        Command::Status => status(&dir).await,
+        Command::Status { output } => status(&dir, output).await,
         Command::Down => down(&dir).await,
+        Command::Http {
+            cluster,
+            pod,
+            timeout,
+            url,
+        } => http(&dir, &cluster, &pod, &url, Duration::from_secs(timeout)).await,
+        Command::DataplaneDaemon => liqo_lab::run_dataplane_daemon(&dir)
+            .await
+            .map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -138,7 +198,41 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn up(dir: &Path, spec: LabSpec) -> Result<ExitCode, LabError> {
+/// The clusters' names and pod CIDRs from the command line.
+fn cluster_specs(
+    clusters: Option<usize>,
+    prefix: &str,
+    names: Option<Vec<String>>,
+    pod_cidr: IpNet,
+    pod_cidrs: Option<Vec<IpNet>>,
+) -> Result<Vec<(String, IpNet)>, LabError> {
+    let names = match (names, clusters) {
+        (Some(n), Some(c)) if n.len() != c => {
+            return Err(LabError::InvalidSpec(format!(
+                "--clusters {c} but --names lists {} name(s)",
+                n.len()
+            )));
+        }
+        (Some(n), _) => n,
+        (None, c) => (1..=c.unwrap_or(2))
+            .map(|i| format!("{prefix}-{i}"))
+            .collect(),
+    };
+    let cidrs = match pod_cidrs {
+        Some(list) if list.len() != names.len() => {
+            return Err(LabError::InvalidSpec(format!(
+                "--pod-cidrs lists {} CIDR(s) for {} cluster(s); give one per cluster",
+                list.len(),
+                names.len()
+            )));
+        }
+        Some(list) => list,
+        None => vec![pod_cidr; names.len()],
+    };
+    Ok(names.into_iter().zip(cidrs).collect())
+}
+
+async fn up(dir: &Path, spec: LabSpec, dataplane: bool) -> Result<ExitCode, LabError> {
     if let Some(state) = LabState::load(dir)? {
         let running = state.running_processes();
         if !running.is_empty() {
@@ -182,6 +276,43 @@ async fn up(dir: &Path, spec: LabSpec) -> Result<ExitCode, LabError> {
     println!("export KUBECONFIG={}", paths.join(":"));
     // Dropping a detached lab leaves it running.
     drop(lab);
+    if dataplane {
+        let started = async {
+            let exe = std::env::current_exe()
+                .map_err(|e| LabError::DataPlane(format!("finding this program: {e}")))?;
+            let args = [
+                OsString::from("--state-dir"),
+                dir.as_os_str().to_owned(),
+                OsString::from("dataplane-daemon"),
+            ];
+            liqo_lab::start_dataplane_daemon(dir, &exe, &args).await
+        };
+        match started.await {
+            Ok(record) => {
+                let pid = record.process.process.map(|t| t.pid).unwrap_or_default();
+                println!(
+                    "data plane up (pid {pid}, log {})",
+                    record.process.log.display()
+                );
+                for g in &record.gateways {
+                    println!(
+                        "{}: gateway netns {}  wan {}/{}",
+                        g.cluster,
+                        g.netns_path.display(),
+                        g.wan_address,
+                        g.wan_prefix_len
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("liqo-lab: the data plane did not start; stopping the lab");
+                if let Err(down) = liqo_lab::down(dir).await {
+                    eprintln!("liqo-lab: stopping the lab: {down}");
+                }
+                return Err(e);
+            }
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -246,13 +377,80 @@ async fn client_for(kubeconfig: &Path) -> Result<kube::Client, String> {
     kube::Client::try_from(config).map_err(|e| e.to_string())
 }
 
-async fn status(dir: &Path) -> Result<ExitCode, LabError> {
+async fn status(dir: &Path, output: Output) -> Result<ExitCode, LabError> {
     let Some(state) = LabState::load(dir)? else {
-        println!("no lab is up in {}", dir.display());
+        if output == Output::Json {
+            println!("{}", serde_json::json!({ "up": false, "stateDir": dir }));
+        } else {
+            println!("no lab is up in {}", dir.display());
+        }
         return Ok(ExitCode::FAILURE);
     };
     let etcd_up = state.etcd.is_running();
     let rows = futures::future::join_all(state.clusters.iter().map(cluster_row)).await;
+    let running = !state.running_processes().is_empty();
+    let gateway = |cluster: &str| {
+        state
+            .dataplane
+            .as_ref()
+            .and_then(|d| d.gateways.iter().find(|g| g.cluster == cluster))
+    };
+    if output == Output::Json {
+        let clusters: Vec<serde_json::Value> = state
+            .clusters
+            .iter()
+            .zip(&rows)
+            .map(|(c, r)| {
+                serde_json::json!({
+                    "name": c.name,
+                    "apiUrl": c.api_url,
+                    "kubeconfig": c.kubeconfig,
+                    "podCidr": c.pod_cidr,
+                    "serviceCidr": c.service_cidr,
+                    "ready": r.ready == "yes",
+                    "readyDetail": r.ready,
+                    "nodes": r.nodes.parse::<u64>().ok(),
+                    "processes": r.processes,
+                    "gateway": gateway(&c.name).map(|g| serde_json::json!({
+                        "netns": g.netns,
+                        "netnsPath": g.netns_path,
+                        "wanAddress": g.wan_address,
+                        "wanPrefixLength": g.wan_prefix_len,
+                        "wanInterface": g.wan_interface,
+                    })),
+                })
+            })
+            .collect();
+        let dataplane = state.dataplane.as_ref().map(|d| {
+            serde_json::json!({
+                "id": d.id,
+                "pid": d.process.process.map(|t| t.pid),
+                "running": d.process.is_running(),
+                "log": d.process.log,
+            })
+        });
+        let doc = serde_json::json!({
+            "up": running,
+            "stateFile": LabState::path(dir),
+            "etcd": { "url": state.etcd_url, "running": etcd_up },
+            "dataplane": dataplane,
+            "clusters": clusters,
+        });
+        match serde_json::to_string_pretty(&doc) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                return Err(LabError::State {
+                    path: LabState::path(dir),
+                    message: format!("serializing the status: {e}"),
+                });
+            }
+        }
+        return Ok(if running {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     let header = Row {
         name: "NAME".into(),
         api_url: "API URL".into(),
@@ -282,9 +480,86 @@ async fn status(dir: &Path) -> Result<ExitCode, LabError> {
         if etcd_up { "running" } else { "not running" },
         LabState::path(dir).display()
     );
-    if state.running_processes().is_empty() {
+    if let Some(d) = &state.dataplane {
+        let pid = d.process.process.map(|t| t.pid).unwrap_or_default();
+        println!(
+            "data plane: {} (pid {pid}, log {})",
+            if d.process.is_running() {
+                "running"
+            } else {
+                "not running"
+            },
+            d.process.log.display()
+        );
+        for g in &d.gateways {
+            println!(
+                "  {}: gateway netns {}  wan {}/{}",
+                g.cluster,
+                g.netns_path.display(),
+                g.wan_address,
+                g.wan_prefix_len
+            );
+        }
+    }
+    if !running {
         println!("no process of this lab is running; `liqo-lab down` removes its state");
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn http(
+    dir: &Path,
+    cluster: &str,
+    pod: &str,
+    url: &str,
+    timeout: Duration,
+) -> Result<ExitCode, LabError> {
+    let Some(state) = LabState::load(dir)? else {
+        return Err(LabError::State {
+            path: LabState::path(dir),
+            message: "no lab is up here".to_owned(),
+        });
+    };
+    let Some(dp) = &state.dataplane else {
+        return Err(LabError::DataPlane(
+            "the lab runs no data plane; start it with `liqo-lab up --dataplane`".to_owned(),
+        ));
+    };
+    if !dp.process.is_running() {
+        return Err(LabError::DataPlane(format!(
+            "the lab's data plane is not running (log {})",
+            dp.process.log.display()
+        )));
+    }
+    if !state.clusters.iter().any(|c| c.name == cluster) {
+        let names: Vec<&str> = state.clusters.iter().map(|c| c.name.as_str()).collect();
+        return Err(LabError::DataPlane(format!(
+            "the lab has no cluster {cluster:?} (it has: {})",
+            names.join(", ")
+        )));
+    }
+    let Some((namespace, name)) = pod
+        .split_once('/')
+        .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+    else {
+        return Err(LabError::DataPlane(format!(
+            "--pod {pod:?}: expected NAMESPACE/NAME"
+        )));
+    };
+    let netns = liqo_lab::pod_netns_name(&dp.id, cluster, namespace, name);
+    let path = liqo_lab::netns_path(&netns);
+    if !path.exists() {
+        return Err(LabError::NoPodNetwork {
+            cluster: cluster.to_owned(),
+            namespace: namespace.to_owned(),
+            pod: name.to_owned(),
+        });
+    }
+    let body = liqo_lab::http_get_in(&path, url, timeout).await?;
+    print!("{body}");
+    if !body.ends_with('\n') {
+        println!();
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -147,6 +147,15 @@ impl ClusterSpec {
                  '-', at most 40 characters)"
             )));
         }
+        if matches!(
+            name.as_str(),
+            "y" | "n" | "yes" | "no" | "on" | "off" | "true" | "false"
+        ) {
+            return Err(LabError::InvalidSpec(format!(
+                "cluster name {name:?} reads as a boolean in the YAML 1.1 of the Kubernetes \
+                 components' kubeconfigs; choose another name"
+            )));
+        }
         if name == "etcd" {
             return Err(LabError::InvalidSpec(
                 "cluster name \"etcd\" is reserved for the lab's etcd directory".to_owned(),
@@ -297,7 +306,17 @@ mod tests {
     #[test]
     fn rejects_bad_specs() {
         assert!(LabSpec::new([]).validate().is_err());
-        for bad in ["", "Lab", "-a", "a-", "a_b", "etcd", &"x".repeat(41)] {
+        for bad in [
+            "",
+            "Lab",
+            "-a",
+            "a-",
+            "a_b",
+            "etcd",
+            "y",
+            "no",
+            &"x".repeat(41),
+        ] {
             assert!(
                 LabSpec::new([ClusterSpec::new(bad)]).validate().is_err(),
                 "{bad:?} accepted"

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     cluster::write_file,
+    dataplane::{DAEMON_STOP_GRACE, DataPlaneRecord, remove_netns_of},
     error::{LabError, Result},
     ports::release_file,
     process::{STOP_GRACE, terminate_pid},
@@ -42,6 +43,9 @@ pub struct LabState {
     pub port_reservations: Vec<PathBuf>,
     /// The owner token written in those files.
     pub reservation_token: String,
+    /// The data plane's background process and gateways (`liqo-lab up --dataplane`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataplane: Option<DataPlaneRecord>,
 }
 
 /// One cluster in [`LabState`].
@@ -115,9 +119,23 @@ impl LabState {
         Ok(Some(state))
     }
 
-    /// Every recorded process that still runs, with its owner (`etcd` or the cluster's name).
+    /// Writes the state to `<root>/lab.json` (atomically).
+    pub fn save(&self) -> Result<()> {
+        let path = Self::path(&self.root);
+        let text = serde_json::to_string_pretty(self).map_err(|e| LabError::State {
+            path: path.clone(),
+            message: format!("serializing: {e}"),
+        })?;
+        write_file(&path, &text, 0o644)
+    }
+
+    /// Every recorded process that still runs, with its owner (`etcd`, `dataplane` or the
+    /// cluster's name).
     pub fn running_processes(&self) -> Vec<(&str, &ProcessRecord)> {
-        std::iter::once(("etcd", &self.etcd))
+        self.dataplane
+            .iter()
+            .map(|d| ("dataplane", &d.process))
+            .chain(std::iter::once(("etcd", &self.etcd)))
             .chain(
                 self.clusters
                     .iter()
@@ -174,6 +192,7 @@ pub enum DownOutcome {
 }
 
 /// Stops the lab rooted at `root` from its state file (any lifetime; this is `liqo-lab down`):
+/// the data plane's process first, then its leftover network namespaces, then
 /// SIGTERM then SIGKILL to each recorded process that still runs (checked by pid, start time and
 /// binary), then removes the port reservations and the root directory. Idempotent.
 pub async fn down(root: &Path) -> Result<DownOutcome> {
@@ -182,8 +201,28 @@ pub async fn down(root: &Path) -> Result<DownOutcome> {
     };
     let running = state.running_processes();
     let count = running.len();
+    // The data plane first (it removes its namespaces on SIGTERM), etcd last.
+    let (dataplane, rest): (Vec<_>, Vec<_>) = running
+        .into_iter()
+        .partition(|(owner, _)| *owner == "dataplane");
+    for (_, p) in &dataplane {
+        if let Some(t) = p.process {
+            terminate_pid(t.pid, DAEMON_STOP_GRACE)
+                .await
+                .map_err(|source| LabError::Stop {
+                    owner: "the lab".to_owned(),
+                    component: p.component.clone(),
+                    pid: t.pid,
+                    source,
+                })?;
+        }
+    }
+    if let Some(dp) = &state.dataplane {
+        // Whatever a killed data plane left behind.
+        remove_netns_of(&dp.id)?;
+    }
     let (etcd, components): (Vec<_>, Vec<_>) =
-        running.into_iter().partition(|(owner, _)| *owner == "etcd");
+        rest.into_iter().partition(|(owner, _)| *owner == "etcd");
     for group in [components, etcd] {
         let stops = group.iter().map(|(owner, p)| async move {
             let Some(t) = p.process else { return Ok(()) };
