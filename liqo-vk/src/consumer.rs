@@ -46,6 +46,10 @@ pub struct ConsumerConfig {
     /// Where the pod webhook listens (`None`: no webhook; pods then need the toleration and
     /// affinity in their manifests).
     pub webhook: Option<SocketAddr>,
+    /// How the API server reaches the webhook: `None` (default) registers the bound address as
+    /// a URL (the agent runs where the API server can dial it); an agent in a pod binds
+    /// `0.0.0.0:<port>` and names the Service in front of it here.
+    pub webhook_service: Option<webhook::WebhookService>,
     /// Concurrent reconciles of each kube-runtime controller.
     pub controller_concurrency: u16,
 }
@@ -57,6 +61,7 @@ impl Default for ConsumerConfig {
             probe_timeout: Duration::from_secs(5),
             node_status_every: Duration::from_secs(60),
             webhook: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            webhook_service: None,
             controller_concurrency: 8,
         }
     }
@@ -294,6 +299,7 @@ impl ConsumerAgent {
                     self.local.clone(),
                     &self.me,
                     addr,
+                    self.config.webhook_service.clone(),
                     offloadings,
                     cancel.clone(),
                 )

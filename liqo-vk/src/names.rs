@@ -89,6 +89,12 @@ pub fn twin_namespace(
     Ok(name)
 }
 
+/// The ReplicaSet controller's annotation ranking pods for removal on scale-down (lower first).
+pub const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// The deletion cost the virtual kubelet gives offloaded pods that have none: below the default
+/// 0 of local pods, so scaling a burst back down removes remote pods first.
+pub const OFFLOADED_POD_DELETION_COST: &str = "-100";
+
 #[cfg(test)]
 mod tests {
     use super::*;

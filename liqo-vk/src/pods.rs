@@ -172,7 +172,15 @@ pub fn remote_pod_spec(local: &PodSpec) -> PodSpec {
 fn forwarded_annotations(pod: &Pod) -> BTreeMap<String, String> {
     pod.annotations()
         .iter()
-        .filter(|(k, _)| k.as_str() != names::REMOTE_POD_UID && k.as_str() != names::RESTART_OFFSET)
+        // Bookkeeping of this side only (the deletion cost ranks pods of the local ReplicaSet).
+        .filter(|(k, _)| {
+            ![
+                names::REMOTE_POD_UID,
+                names::RESTART_OFFSET,
+                names::POD_DELETION_COST,
+            ]
+            .contains(&k.as_str())
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -303,6 +311,18 @@ impl Sides {
             Some("Succeeded" | "Failed")
         ) {
             return Ok(Requeue::Done);
+        }
+
+        // Scale-down removes remote pods first (cloud bursting shrinks back home), unless the
+        // user ranked the pod already.
+        if !local.annotations().contains_key(names::POD_DELETION_COST) {
+            let patch = json!({"metadata": {"annotations": {
+                names::POD_DELETION_COST: names::OFFLOADED_POD_DELETION_COST
+            }}});
+            self.local_api
+                .patch(&key, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map_err(|e| kube_err(&self.scope, "Pod", &key, e))?;
         }
 
         // The ShadowPod, (re)made for this very pod (a pod recreated under the same name, as a
@@ -485,7 +505,8 @@ impl ResourceReflector for PodReflector {
         let (local, local_w) = reflector::store();
         let (shadows, shadow_w) = reflector::store();
         let (remote_pods, rp_w) = reflector::store();
-        let queue = WorkQueue::<String>::new(self.config.retry_min, self.config.retry_max);
+        let queue =
+            WorkQueue::<String>::new(self.config.retry_min, self.config.retry_max).labelled("Pod");
         let sides = Arc::new(Sides {
             scope: scope.clone(),
             local_cluster: self.local_cluster.clone(),

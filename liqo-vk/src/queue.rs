@@ -8,11 +8,11 @@
 //! being processed. Failures are retried per key with tower's jittered exponential backoff.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     future::Future,
     hash::Hash,
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    sync::{Arc, Mutex, OnceLock, PoisonError, Weak},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
@@ -39,8 +39,40 @@ struct State<K> {
     failures: HashMap<K, ExponentialBackoff>,
 }
 
+/// Told of every reconcile of every labelled [`WorkQueue`] in the process (for metrics); see
+/// [`set_observer`].
+pub trait QueueObserver: Send + Sync + 'static {
+    /// A reconcile of a queue labelled `label` (the reflected kind) took `elapsed`; `ok` is
+    /// whether it succeeded.
+    fn reconciled(&self, label: &str, elapsed: Duration, ok: bool);
+}
+
+static OBSERVER: OnceLock<Arc<dyn QueueObserver>> = OnceLock::new();
+
+type DepthFn = dyn Fn() -> usize + Send + Sync;
+static QUEUES: Mutex<Vec<(String, Weak<DepthFn>)>> = Mutex::new(Vec::new());
+
+/// Installs the process-wide observer; `false` if one was installed already (it stays).
+pub fn set_observer(observer: Arc<dyn QueueObserver>) -> bool {
+    OBSERVER.set(observer).is_ok()
+}
+
+/// Keys waiting or running, summed per label over the live labelled queues of the process.
+pub fn depths() -> BTreeMap<String, usize> {
+    let mut queues = lock(&QUEUES);
+    queues.retain(|(_, q)| q.strong_count() > 0);
+    let mut out = BTreeMap::new();
+    for (label, q) in queues.iter() {
+        if let Some(q) = q.upgrade() {
+            *out.entry(label.clone()).or_default() += q();
+        }
+    }
+    out
+}
+
 /// A deduplicating queue of keys; see the module docs.
 pub struct WorkQueue<K> {
+    label: OnceLock<(String, Arc<DepthFn>)>,
     state: Mutex<State<K>>,
     tx: mpsc::UnboundedSender<K>,
     rx: AsyncMutex<mpsc::UnboundedReceiver<K>>,
@@ -80,6 +112,7 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
         // Both sets of bounds are valid by construction; keep a default regardless.
         let backoff = maker.unwrap_or_default();
         Arc::new(Self {
+            label: OnceLock::new(),
             state: Mutex::new(State {
                 queued: HashSet::new(),
                 running: HashSet::new(),
@@ -90,6 +123,17 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
             rx: AsyncMutex::new(rx),
             backoff: Mutex::new(backoff),
         })
+    }
+
+    /// Labels the queue (with the kind it reflects) so that [`depths`] counts it and the
+    /// [`QueueObserver`] hears of its reconciles. A queue is labelled once; later calls do nothing.
+    pub fn labelled(self: Arc<Self>, label: &str) -> Arc<Self> {
+        let weak = Arc::downgrade(&self);
+        let depth: Arc<DepthFn> = Arc::new(move || weak.upgrade().map_or(0, |q| q.len()));
+        if self.label.set((label.to_owned(), depth.clone())).is_ok() {
+            lock(&QUEUES).push((label.to_owned(), Arc::downgrade(&depth)));
+        }
+        self
     }
 
     /// Enqueues `key` unless it is already waiting; a key being processed is re-run afterwards.
@@ -160,10 +204,14 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
                         s.queued.remove(&key);
                         s.running.insert(key.clone());
                     }
+                    let started = Instant::now();
                     let result = tokio::select! {
                         () = cancel.cancelled() => return,
                         r = reconcile(key.clone()) => r,
                     };
+                    if let (Some((label, _)), Some(o)) = (this.label.get(), OBSERVER.get()) {
+                        o.reconciled(label, started.elapsed(), result.is_ok());
+                    }
                     let retry = match result {
                         Ok(requeue) => {
                             lock(&this.state).failures.remove(&key);
@@ -249,5 +297,20 @@ mod tests {
         );
         cancel.cancel();
         run.await.expect("workers stop on cancel");
+    }
+
+    #[test]
+    fn labelled_queues_report_their_depth_while_alive() {
+        let q = WorkQueue::<String>::new(Duration::from_millis(5), Duration::from_millis(20))
+            .labelled("TestKindDepth");
+        q.add("a".into());
+        q.add("b".into());
+        assert_eq!(depths().get("TestKindDepth"), Some(&2));
+        drop(q);
+        assert_eq!(
+            depths().get("TestKindDepth"),
+            None,
+            "a dropped queue is forgotten"
+        );
     }
 }

@@ -484,7 +484,8 @@ impl<R: Reflect> ResourceReflector for Reflector<R> {
         let target_api: Api<R::Target> = Api::namespaced(dst_client, &dst_ns);
         let (source_store, source_writer) = reflector::store();
         let (target_store, target_writer) = reflector::store();
-        let queue = WorkQueue::<String>::new(self.config.retry_min, self.config.retry_max);
+        let queue = WorkQueue::<String>::new(self.config.retry_min, self.config.retry_max)
+            .labelled(&self.kind);
         let sides = Arc::new(Sides {
             reflect: self.inner.clone(),
             scope: scope.clone(),

@@ -3,7 +3,9 @@
 //!
 //! The agent serves HTTPS with a certificate from a CA it makes at start-up and registers a
 //! `MutatingWebhookConfiguration` (URL and CA bundle) for pod creations in namespaces labelled
-//! `liqo.io/offloading-enabled=true`. The mutation follows the namespace's
+//! `liqo.io/offloading-enabled=true`. The API server reaches it at the bound address by default;
+//! an agent running in a pod sets a [`WebhookService`] instead, and the configuration then names
+//! that Service (the serving certificate is valid for its DNS names). The mutation follows the namespace's
 //! `NamespaceOffloading`:
 //!
 //! | strategy | toleration of the virtual-node taint | required node affinity |
@@ -13,6 +15,11 @@
 //! | `LocalAndRemote` | yes | not a virtual node, or one matching the cluster selector |
 //!
 //! A pod's own required node affinity is kept: each of its terms is combined with ours.
+//!
+//! `LocalAndRemote` also adds a *preferred* affinity (weight 100) for nodes that are not
+//! virtual, so the scheduler fills the cluster's own nodes first and bursts onto virtual nodes
+//! only when they are full (cloud bursting); the virtual kubelet marks offloaded pods with a low
+//! `controller.kubernetes.io/pod-deletion-cost`, so scaling down removes remote pods first.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -22,11 +29,12 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::{
     api::{
         admissionregistration::v1::{
-            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
+            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
+            WebhookClientConfig,
         },
         core::v1::{
             Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod,
-            Toleration,
+            PreferredSchedulingTerm, Toleration,
         },
     },
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
@@ -133,6 +141,25 @@ pub fn mutation(pod: &Pod, nso: &NamespaceOffloading) -> json_patch::Patch {
     node_affinity.required_during_scheduling_ignored_during_execution = Some(NodeSelector {
         node_selector_terms: terms,
     });
+    if nso.spec.pod_offloading_strategy == PodOffloadingStrategy::LocalAndRemote {
+        let prefer_local = PreferredSchedulingTerm {
+            weight: 100,
+            preference: NodeSelectorTerm {
+                match_expressions: Some(vec![requirement(
+                    labels::TYPE,
+                    "NotIn",
+                    &[labels::TYPE_VIRTUAL_NODE],
+                )]),
+                match_fields: None,
+            },
+        };
+        let preferred = node_affinity
+            .preferred_during_scheduling_ignored_during_execution
+            .get_or_insert_with(Vec::new);
+        if !preferred.contains(&prefer_local) {
+            preferred.push(prefer_local);
+        }
+    }
     affinity.node_affinity = Some(NodeAffinity { ..node_affinity });
     let mut ops = vec![
         serde_json::json!({"op": "add", "path": "/spec/affinity", "value": Affinity { ..affinity }}),
@@ -214,7 +241,7 @@ struct Tls {
     acceptor: TlsAcceptor,
 }
 
-fn tls(host: std::net::IpAddr) -> Result<Tls, VkError> {
+fn tls(host: std::net::IpAddr, dns_names: &[String]) -> Result<Tls, VkError> {
     let err = |what: &str, e: String| VkError::Webhook(format!("{what}: {e}"));
     let ca_key = KeyPair::generate().map_err(|e| err("CA key", e.to_string()))?;
     let mut ca_params = CertificateParams::default();
@@ -236,6 +263,13 @@ fn tls(host: std::net::IpAddr) -> Result<Tls, VkError> {
         .distinguished_name
         .push(DnType::CommonName, "liqo-vk webhook");
     params.subject_alt_names = vec![SanType::IpAddress(host)];
+    for name in dns_names {
+        let dns = name
+            .clone()
+            .try_into()
+            .map_err(|e: rcgen::Error| err(&format!("DNS name {name:?}"), e.to_string()))?;
+        params.subject_alt_names.push(SanType::DnsName(dns));
+    }
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(|e| err("serving certificate", e.to_string()))?;
@@ -260,11 +294,104 @@ pub fn configuration_name(me: &ClusterId) -> String {
     format!("liqo-vk-{me}")
 }
 
+/// The Service through which the API server reaches the webhook of an agent running in a pod
+/// (`ConsumerConfig::webhook_service`). It must select the agent's pods and forward `port` to
+/// the address the webhook listens on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookService {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// The Service port the API server connects to.
+    pub port: u16,
+}
+
+impl WebhookService {
+    /// The names the serving certificate is valid for: `<name>.<namespace>.svc` (what the API
+    /// server dials) and its short and fully qualified forms.
+    pub fn dns_names(&self) -> Vec<String> {
+        let (name, ns) = (&self.name, &self.namespace);
+        vec![
+            name.clone(),
+            format!("{name}.{ns}"),
+            format!("{name}.{ns}.svc"),
+            format!("{name}.{ns}.svc.cluster.local"),
+        ]
+    }
+}
+
+/// The agent's `MutatingWebhookConfiguration`: the API server calls `https://<bound>` or, with a
+/// `service`, that Service, trusting `ca_pem`.
+pub fn configuration(
+    me: &ClusterId,
+    bound: SocketAddr,
+    service: Option<&WebhookService>,
+    ca_pem: &str,
+) -> MutatingWebhookConfiguration {
+    let client_config = match service {
+        None => WebhookClientConfig {
+            url: Some(format!("https://{bound}{MUTATE_PODS_PATH}")),
+            ca_bundle: Some(k8s_openapi::ByteString(ca_pem.as_bytes().to_vec())),
+            service: None,
+        },
+        Some(svc) => WebhookClientConfig {
+            url: None,
+            ca_bundle: Some(k8s_openapi::ByteString(ca_pem.as_bytes().to_vec())),
+            service: Some(ServiceReference {
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                path: Some(MUTATE_PODS_PATH.to_owned()),
+                port: Some(i32::from(svc.port)),
+            }),
+        },
+    };
+    MutatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(configuration_name(me)),
+            labels: Some(
+                [(
+                    labels::MANAGED_BY.to_owned(),
+                    names::MANAGED_BY_VALUE.to_owned(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: "pods.offloading.liqo.io".to_owned(),
+            admission_review_versions: vec!["v1".to_owned()],
+            client_config,
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec![String::new()]),
+                api_versions: Some(vec!["v1".to_owned()]),
+                operations: Some(vec!["CREATE".to_owned()]),
+                resources: Some(vec!["pods".to_owned()]),
+                scope: Some("Namespaced".to_owned()),
+            }]),
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(
+                    [(names::OFFLOADING_ENABLED.to_owned(), "true".to_owned())].into(),
+                ),
+                match_expressions: None,
+            }),
+            // Without the mutation a pod of a Remote namespace would run locally: refuse instead,
+            // and let its controller retry once the agent is back.
+            failure_policy: Some("Fail".to_owned()),
+            side_effects: "None".to_owned(),
+            timeout_seconds: Some(5),
+            reinvocation_policy: Some("IfNeeded".to_owned()),
+            ..MutatingWebhook::default()
+        }]),
+    }
+}
+
 /// Starts serving on `addr` and registers the webhook; returns the server task.
 pub(crate) async fn serve(
     client: kube::Client,
     me: &ClusterId,
     addr: SocketAddr,
+    service: Option<WebhookService>,
     offloadings: Store<NamespaceOffloading>,
     cancel: CancellationToken,
 ) -> Result<JoinHandle<()>, VkError> {
@@ -274,7 +401,11 @@ pub(crate) async fn serve(
     let local = listener
         .local_addr()
         .map_err(|e| VkError::Webhook(format!("reading the bound address: {e}")))?;
-    let tls = tls(local.ip())?;
+    let dns_names = service
+        .as_ref()
+        .map(WebhookService::dns_names)
+        .unwrap_or_default();
+    let tls = tls(local.ip(), &dns_names)?;
     let acceptor = tls.acceptor.clone();
     let reader = client.clone();
     let task = tokio::spawn(async move {
@@ -334,48 +465,7 @@ pub(crate) async fn serve(
             });
         }
     });
-    let config = MutatingWebhookConfiguration {
-        metadata: ObjectMeta {
-            name: Some(configuration_name(me)),
-            labels: Some(
-                [(
-                    labels::MANAGED_BY.to_owned(),
-                    names::MANAGED_BY_VALUE.to_owned(),
-                )]
-                .into(),
-            ),
-            ..ObjectMeta::default()
-        },
-        webhooks: Some(vec![MutatingWebhook {
-            name: "pods.offloading.liqo.io".to_owned(),
-            admission_review_versions: vec!["v1".to_owned()],
-            client_config: WebhookClientConfig {
-                url: Some(format!("https://{local}{MUTATE_PODS_PATH}")),
-                ca_bundle: Some(k8s_openapi::ByteString(tls.ca_pem.into_bytes())),
-                service: None,
-            },
-            rules: Some(vec![RuleWithOperations {
-                api_groups: Some(vec![String::new()]),
-                api_versions: Some(vec!["v1".to_owned()]),
-                operations: Some(vec!["CREATE".to_owned()]),
-                resources: Some(vec!["pods".to_owned()]),
-                scope: Some("Namespaced".to_owned()),
-            }]),
-            namespace_selector: Some(LabelSelector {
-                match_labels: Some(
-                    [(names::OFFLOADING_ENABLED.to_owned(), "true".to_owned())].into(),
-                ),
-                match_expressions: None,
-            }),
-            // Without the mutation a pod of a Remote namespace would run locally: refuse instead,
-            // and let its controller retry once the agent is back.
-            failure_policy: Some("Fail".to_owned()),
-            side_effects: "None".to_owned(),
-            timeout_seconds: Some(5),
-            reinvocation_policy: Some("IfNeeded".to_owned()),
-            ..MutatingWebhook::default()
-        }]),
-    };
+    let config = configuration(me, local, service.as_ref(), &tls.ca_pem);
     Api::<MutatingWebhookConfiguration>::all(client)
         .patch(
             &configuration_name(me),
@@ -470,17 +560,100 @@ mod tests {
         );
 
         let both = patched(&pod, &nso(PodOffloadingStrategy::LocalAndRemote, None));
-        let terms = both
-            .spec
-            .unwrap()
-            .affinity
-            .unwrap()
-            .node_affinity
-            .unwrap()
+        let na = both.spec.unwrap().affinity.unwrap().node_affinity.unwrap();
+        let terms = na
             .required_during_scheduling_ignored_during_execution
             .unwrap()
             .node_selector_terms;
         assert_eq!(terms.len(), 2, "local OR virtual");
+        let preferred = na
+            .preferred_during_scheduling_ignored_during_execution
+            .expect("LocalAndRemote prefers local nodes");
+        assert_eq!(preferred.len(), 1);
+        assert_eq!(preferred[0].weight, 100);
+        let e = &preferred[0].preference.match_expressions.as_ref().unwrap()[0];
+        assert_eq!(
+            (e.key.as_str(), e.operator.as_str()),
+            (labels::TYPE, "NotIn")
+        );
+        assert!(
+            remote_has_no_preference(&pod),
+            "only LocalAndRemote prefers local nodes"
+        );
+    }
+
+    fn remote_has_no_preference(pod: &Pod) -> bool {
+        let p = patched(pod, &nso(PodOffloadingStrategy::Remote, None));
+        p.spec
+            .and_then(|s| s.affinity)
+            .and_then(|a| a.node_affinity)
+            .and_then(|n| n.preferred_during_scheduling_ignored_during_execution)
+            .is_none()
+    }
+
+    #[test]
+    fn configuration_names_the_url_or_the_service() {
+        let me: ClusterId = "milan".parse().unwrap();
+        let bound = SocketAddr::from(([127, 0, 0, 1], 9443));
+        let by_url = configuration(&me, bound, None, "CA");
+        let hook = &by_url.webhooks.as_ref().unwrap()[0];
+        assert_eq!(
+            hook.client_config.url.as_deref(),
+            Some("https://127.0.0.1:9443/mutate-pods")
+        );
+        assert!(hook.client_config.service.is_none());
+        assert_eq!(by_url.metadata.name.as_deref(), Some("liqo-vk-milan"));
+
+        let svc = WebhookService {
+            namespace: "liqo-system".into(),
+            name: "liqo-agent-webhook".into(),
+            port: 443,
+        };
+        let by_service = configuration(&me, bound, Some(&svc), "CA");
+        let hook = &by_service.webhooks.as_ref().unwrap()[0];
+        assert!(
+            hook.client_config.url.is_none(),
+            "url and service are exclusive"
+        );
+        let reference = hook.client_config.service.as_ref().unwrap();
+        assert_eq!(reference.namespace, "liqo-system");
+        assert_eq!(reference.name, "liqo-agent-webhook");
+        assert_eq!(reference.port, Some(443));
+        assert_eq!(reference.path.as_deref(), Some(MUTATE_PODS_PATH));
+        assert_eq!(
+            hook.client_config
+                .ca_bundle
+                .as_ref()
+                .map(|b| b.0.as_slice()),
+            Some(b"CA".as_slice())
+        );
+        // Everything else is the same as with a URL.
+        let (a, b) = (
+            &by_url.webhooks.unwrap()[0],
+            &by_service.webhooks.unwrap()[0],
+        );
+        assert_eq!(a.rules, b.rules);
+        assert_eq!(a.namespace_selector, b.namespace_selector);
+        assert_eq!(a.failure_policy.as_deref(), Some("Fail"));
+    }
+
+    #[test]
+    fn serving_certificate_names_the_service() {
+        let svc = WebhookService {
+            namespace: "liqo-system".into(),
+            name: "liqo-agent-webhook".into(),
+            port: 443,
+        };
+        assert!(
+            svc.dns_names()
+                .contains(&"liqo-agent-webhook.liqo-system.svc".to_owned())
+        );
+        assert!(tls([0, 0, 0, 0].into(), &svc.dns_names()).is_ok());
+        let bad = ["webhook-ü.liqo-system.svc".to_owned()];
+        assert!(matches!(
+            tls([0, 0, 0, 0].into(), &bad),
+            Err(VkError::Webhook(m)) if m.contains("webhook-ü")
+        ));
     }
 
     #[test]

@@ -1035,3 +1035,114 @@ async fn changing_the_cluster_selector_moves_the_namespace() -> TestResult {
     assert_eq!(entries[0].cluster_id.as_str(), PROVIDER_A);
     Ok(())
 }
+
+/// Cloud bursting: with `LocalAndRemote` the consumer's own nodes fill first, the overflow lands
+/// on virtual nodes, and scaling back down removes the remote pods first.
+#[tokio::test]
+async fn local_and_remote_bursts_onto_virtual_nodes_and_shrinks_home_first() -> TestResult {
+    let lab = env().await;
+    let (c, _, _) = clients(lab);
+    let ns = "burst";
+    offload(&c, ns, spec(PodOffloadingStrategy::LocalAndRemote)).await?;
+    wait_offloading(&c, ns, "Ready").await?;
+    // 3 CPUs a pod: the consumer's two 8-CPU workers hold two each.
+    let mut d = deployment("burst", 4, "nginx:1.27");
+    if let Some(spec) = d.spec.as_mut().and_then(|s| s.template.spec.as_mut()) {
+        spec.containers[0].resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(
+                [(
+                    "cpu".to_owned(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity("3".into()),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        });
+    }
+    let deployments = Api::<Deployment>::namespaced(c.clone(), ns);
+    create(&deployments, &d).await?;
+    let pods = Api::<Pod>::namespaced(c.clone(), ns);
+    let is_virtual = |p: &Pod| node_of(p).starts_with("liqo-");
+    let live = |ps: &[std::sync::Arc<Pod>]| -> Vec<std::sync::Arc<Pod>> {
+        ps.iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .cloned()
+            .collect()
+    };
+    let four = wait_for(
+        pods.clone(),
+        watcher::Config::default().labels("app=burst"),
+        "4 pods scheduled",
+        WAIT,
+        |ps| ps.iter().filter(|p| !node_of(p).is_empty()).count() == 4,
+    )
+    .await?;
+    assert!(
+        four.iter().all(|p| !is_virtual(p)),
+        "while they fit, pods stay on local nodes: {:?}",
+        four.iter().map(|p| node_of(p)).collect::<Vec<_>>()
+    );
+
+    deployments
+        .patch(
+            "burst",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 7}})),
+        )
+        .await?;
+    let seven = wait_for(
+        pods.clone(),
+        watcher::Config::default().labels("app=burst"),
+        "7 pods scheduled, the 3 remote ones ranked for scale-down",
+        WAIT,
+        |ps| {
+            let ps = live(ps);
+            ps.len() == 7
+                && ps.iter().all(|p| !node_of(p).is_empty())
+                && ps.iter().filter(|p| is_virtual(p)).all(|p| {
+                    p.annotations().get(liqo_vk::names::POD_DELETION_COST)
+                        == Some(&liqo_vk::names::OFFLOADED_POD_DELETION_COST.to_owned())
+                })
+        },
+    )
+    .await?;
+    let seven = live(&seven);
+    assert_eq!(
+        seven.iter().filter(|p| is_virtual(p)).count(),
+        3,
+        "the overflow bursts onto virtual nodes: {:?}",
+        seven.iter().map(|p| node_of(p)).collect::<Vec<_>>()
+    );
+    assert!(
+        seven.iter().filter(|p| !is_virtual(p)).all(|p| !p
+            .annotations()
+            .contains_key(liqo_vk::names::POD_DELETION_COST)),
+        "local pods keep the default deletion cost"
+    );
+
+    deployments
+        .patch(
+            "burst",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"replicas": 4}})),
+        )
+        .await?;
+    let back = wait_for(
+        pods,
+        watcher::Config::default().labels("app=burst"),
+        "back to 4 pods",
+        WAIT,
+        |ps| live(ps).len() == 4,
+    )
+    .await?;
+    let back = live(&back);
+    assert!(
+        back.iter().all(|p| !is_virtual(p)),
+        "scaling down removed the remote pods first: {:?}",
+        back.iter().map(|p| node_of(p)).collect::<Vec<_>>()
+    );
+    deployments
+        .delete("burst", &DeleteParams::default())
+        .await?;
+    Ok(())
+}
