@@ -1,0 +1,564 @@
+//! Builds the providers the configuration asks for and runs them until shutdown.
+//!
+//! Everything is Kubernetes-native: each part is a controller over the API server (discovery
+//! writes `ForeignCluster`s; peering acts on their `spec.role`; liqo-vk acts on the
+//! `VirtualNode`s peering leaves), so the parts meet through objects, not through calls.
+
+use std::{future::Future, path::Path, sync::Arc, time::Duration};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use liqo_core::{ClusterId, Discovery, NetworkParameters, PeerAdvertisement, ResourceOffer};
+use liqo_discovery::{AutoPeerPolicy, CompositeDiscovery, ControllerConfig, DiscoveryController};
+use liqo_peering_csr::{
+    ApiEndpoint, Consumer, HttpsConnector, IdentityOptions, LocalIdentity, NetworkSource,
+    OfferPolicy, PeeringPolicy, PeeringServer, Provider, ProviderConfig, QuotaController,
+    RotationController,
+};
+use liqo_vk::{
+    ConsumerAgent, PodReflector, ProviderAgent, StaticTranslation, reflection::EngineConfig,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{Offer, PolicyKind, Validated},
+    metrics::{Metrics, Readiness},
+};
+
+/// Why the agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The kubeconfig could not be used.
+    #[error("kubeconfig {path}: {message}")]
+    Kubeconfig {
+        /// The file (or `<inferred>`).
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A step of the start failed.
+    #[error("{step}: {message}")]
+    Start {
+        /// The step, e.g. `loading the identity`.
+        step: &'static str,
+        /// The error.
+        message: String,
+    },
+    /// A component stopped with an error before shutdown was asked.
+    #[error("{component} failed: {message}")]
+    Component {
+        /// The component.
+        component: &'static str,
+        /// The error.
+        message: String,
+    },
+}
+
+fn start_err(step: &'static str) -> impl Fn(&dyn std::fmt::Display) -> AgentError {
+    move |e| AgentError::Start {
+        step,
+        message: e.to_string(),
+    }
+}
+
+/// A kube client for the kubeconfig at `path`, or the inferred one (in-cluster, `$KUBECONFIG`).
+pub async fn client(path: Option<&Path>) -> Result<(Client, kube::Config), AgentError> {
+    let shown = path.map_or_else(|| "<inferred>".to_owned(), |p| p.display().to_string());
+    let err = |e: &dyn std::fmt::Display| AgentError::Kubeconfig {
+        path: shown.clone(),
+        message: e.to_string(),
+    };
+    let config = match path {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p).map_err(|e| err(&e))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| err(&e))?
+        }
+        None => kube::Config::infer().await.map_err(|e| err(&e))?,
+    };
+    let client = Client::try_from(config.clone()).map_err(|e| err(&e))?;
+    Ok((client, config))
+}
+
+/// Applies the liqo CRDs (server-side apply, idempotent).
+async fn install_crds(client: &Client) -> Result<(), AgentError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in liqo_core::crds::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply("liqo-agent").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .map_err(|e| AgentError::Start {
+            step: "installing the liqo CRDs",
+            message: format!("{name}: {e}"),
+        })?;
+    }
+    for crd in liqo_core::crds::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            kube::runtime::wait::await_condition(
+                api.clone(),
+                &name,
+                kube::runtime::wait::conditions::is_crd_established(),
+            ),
+        )
+        .await
+        .map_err(|_| AgentError::Start {
+            step: "installing the liqo CRDs",
+            message: format!("{name} not established within 60s"),
+        })?
+        .map_err(|e| AgentError::Start {
+            step: "installing the liqo CRDs",
+            message: format!("{name}: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
+/// The API server URL and CA issued credentials point at: the configuration's, else the
+/// kubeconfig's.
+fn api_endpoint(cfg: &Validated, kube: &kube::Config) -> Result<ApiEndpoint, AgentError> {
+    let url = cfg.raw.peering.api_server.clone().unwrap_or_else(|| {
+        kube.cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_owned()
+    });
+    let ca_pem = match &cfg.raw.peering.api_server_ca_file {
+        Some(f) => std::fs::read_to_string(f).map_err(|e| AgentError::Start {
+            step: "reading peering.apiServerCaFile",
+            message: format!("{}: {e}", f.display()),
+        })?,
+        None => kube
+            .root_cert
+            .iter()
+            .flatten()
+            .map(|der| der_to_pem(der))
+            .collect::<String>(),
+    };
+    if ca_pem.is_empty() {
+        return Err(AgentError::Start {
+            step: "finding the API server's CA",
+            message: "the kubeconfig has no CA; set peering.apiServerCaFile".into(),
+        });
+    }
+    Ok(ApiEndpoint::new(url, ca_pem))
+}
+
+fn der_to_pem(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// A `GatewayFabric` used where a `NetworkFabric` is wanted.
+struct FabricRef(Arc<dyn liqo_net::GatewayFabric>);
+
+#[async_trait::async_trait]
+impl liqo_core::NetworkFabric for FabricRef {
+    async fn local_parameters(&self) -> Result<NetworkParameters, liqo_core::FabricError> {
+        self.0.local_parameters().await
+    }
+    async fn connect(
+        &self,
+        remote: &ClusterId,
+        params: &NetworkParameters,
+    ) -> Result<liqo_core::PeerLink, liqo_core::FabricError> {
+        self.0.connect(remote, params).await
+    }
+    async fn disconnect(&self, remote: &ClusterId) -> Result<(), liqo_core::FabricError> {
+        self.0.disconnect(remote).await
+    }
+    async fn status(
+        &self,
+        remote: &ClusterId,
+    ) -> Result<liqo_core::LinkStatus, liqo_core::FabricError> {
+        self.0.status(remote).await
+    }
+}
+
+/// An address translation already shared.
+struct SharedTranslation(Arc<dyn liqo_vk::AddressTranslation>);
+
+#[async_trait::async_trait]
+impl liqo_vk::AddressTranslation for SharedTranslation {
+    async fn translator(&self, provider: &ClusterId) -> liqo_core::AddressTranslator {
+        self.0.translator(provider).await
+    }
+}
+
+type Tasks = JoinSet<(&'static str, Result<(), String>)>;
+
+fn spawn<F, E>(tasks: &mut Tasks, name: &'static str, fut: F)
+where
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tasks.spawn(async move { (name, fut.await.map_err(|e| e.to_string())) });
+}
+
+/// What the agent runs, started; see [`Agent::start`].
+#[derive(Debug)]
+pub struct Agent {
+    /// This cluster's id.
+    pub cluster_id: ClusterId,
+    /// Where `/metrics` is served.
+    pub metrics_addr: std::net::SocketAddr,
+    /// Where the HTTPS peering endpoint listens, if it does.
+    pub peering_addr: Option<std::net::SocketAddr>,
+    cancel: CancellationToken,
+    tasks: Tasks,
+}
+
+impl Agent {
+    /// Starts every configured part.
+    pub async fn start(cfg: Validated) -> Result<Self, AgentError> {
+        let cancel = CancellationToken::new();
+        let mut tasks = Tasks::new();
+        let (client, kube_config) = client(cfg.raw.kubeconfig.as_deref()).await?;
+
+        // Health and metrics first: /healthz answers while the rest starts.
+        let metrics = Metrics::new();
+        let readiness = Readiness::new(client.clone());
+        let (metrics_addr, server) = crate::metrics::serve(
+            cfg.raw
+                .metrics_addr
+                .unwrap_or(crate::config::DEFAULT_METRICS_ADDR),
+            metrics.clone(),
+            readiness.clone(),
+            cancel.clone(),
+        )
+        .await
+        .map_err(|e| start_err("binding metricsAddr")(&e))?;
+        tasks.spawn(async move { ("metrics server", server.await.map_err(|e| e.to_string())) });
+        tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz");
+
+        if cfg.raw.install_crds.unwrap_or(true) {
+            install_crds(&client).await?;
+        }
+        let identity = Arc::new(
+            LocalIdentity::load_or_create(
+                &client,
+                &IdentityOptions {
+                    cluster_id: cfg.id.clone(),
+                    cluster_name: Some(cfg.name.clone()),
+                    ..IdentityOptions::default()
+                },
+            )
+            .await
+            .map_err(|e| {
+                start_err("loading the identity (Secret liqo-system/liqo-identity)")(&e)
+            })?,
+        );
+        let me = identity.id().clone();
+        tracing::info!(cluster = %me, name = identity.name(), fingerprint = %identity.fingerprint(), "identity loaded");
+        metrics.watch(client.clone(), cancel.clone());
+
+        let mut network = NetworkParameters::new(cfg.pod_cidr, cfg.service_cidr);
+        network.external_cidr = cfg.external_cidr;
+        // The network fabric: its parameters (gateway endpoint and key) go to peers at each grant,
+        // its links translate offloaded pods' addresses.
+        let (network_source, translation): (NetworkSource, Arc<dyn liqo_vk::AddressTranslation>) =
+            if cfg.raw.network.enabled {
+                network.gateway_endpoint = cfg.raw.network.endpoint.clone();
+                let fabric = crate::network::fabric(&client, &cfg, network)
+                    .await
+                    .map_err(|e| start_err("starting the network fabric (network)")(&e))?;
+                let controller =
+                    liqo_net::NetworkController::new(client.clone(), me.clone(), fabric.clone());
+                let links = controller.links();
+                spawn(
+                    &mut tasks,
+                    "network controller",
+                    controller.run(cancel.clone().cancelled_owned()),
+                );
+                let as_fabric: Arc<dyn liqo_core::NetworkFabric> = Arc::new(FabricRef(fabric));
+                (
+                    NetworkSource::Fabric(as_fabric),
+                    Arc::new(crate::network::LinkTranslation(links)),
+                )
+            } else {
+                (
+                    NetworkSource::Static(network),
+                    Arc::new(StaticTranslation::identity()),
+                )
+            };
+
+        // Peering: the provider role behind the HTTPS endpoint, the consumer role driven by
+        // ForeignCluster.spec.role.
+        let mut peering_addr = None;
+        if let Some(listen) = cfg.raw.peering.listen {
+            let offer = match &cfg.offer {
+                Offer::Absolute { cpu, memory, pods } => {
+                    OfferPolicy::Absolute(ResourceOffer::new(cpu, memory, *pods))
+                }
+                Offer::ShareOfFree(percent) => OfferPolicy::ShareOfFree {
+                    percent: *percent,
+                    labels: Default::default(),
+                },
+            };
+            let policy = match cfg.raw.peering.policy {
+                PolicyKind::AcceptAll => PeeringPolicy::AcceptAll,
+                PolicyKind::AllowList => PeeringPolicy::AllowList(cfg.allow_list.clone()),
+                PolicyKind::Manual => PeeringPolicy::Manual,
+            };
+            let provider_config = ProviderConfig::new(
+                api_endpoint(&cfg, &kube_config)?,
+                offer,
+                network_source.clone(),
+            )
+            .with_policy(policy)
+            .with_credential_lifetime(Duration::from_secs(
+                cfg.raw.peering.credential_lifetime_seconds,
+            ));
+            let provider = Arc::new(Provider::new(
+                client.clone(),
+                identity.clone(),
+                provider_config,
+            ));
+            let (addr, server) = PeeringServer::new(provider)
+                .spawn(listen, cancel.clone().cancelled_owned())
+                .await
+                .map_err(|e| start_err("binding peering.listen")(&e))?;
+            tasks.spawn(async move {
+                let r = match server.await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                ("peering server", r)
+            });
+            peering_addr = Some(addr);
+            tracing::info!(%addr, "serving the HTTPS peering endpoint");
+            spawn(
+                &mut tasks,
+                "quota controller",
+                QuotaController::new(client.clone(), me.clone())
+                    .run(cancel.clone().cancelled_owned()),
+            );
+        }
+        let endpoint = cfg.endpoint.clone().or_else(|| {
+            peering_addr
+                .filter(|a| !a.ip().is_unspecified())
+                .map(|a| format!("https://{a}"))
+        });
+        if peering_addr.is_some() && endpoint.is_none() {
+            tracing::warn!(
+                "peering.listen is a wildcard address and peering.endpoint is not set: no peering \
+                 endpoint is published, peers must be told it by hand"
+            );
+        }
+        let consumer = Arc::new(Consumer::new(
+            client.clone(),
+            identity.clone(),
+            network_source,
+            Arc::new(HttpsConnector::default()),
+        ));
+        {
+            let rotation = RotationController::new(client.clone(), consumer.clone());
+            let stop = cancel.clone().cancelled_owned();
+            tasks.spawn(async move {
+                rotation.run(stop).await;
+                ("credential rotation", Ok(()))
+            });
+        }
+        spawn(
+            &mut tasks,
+            "peering controller",
+            liqo_peering_csr::PeeringController::new(client.clone(), consumer.clone())
+                .run(cancel.clone().cancelled_owned()),
+        );
+
+        // What peers and liqoctl read about us.
+        let info = liqo_core::info::ClusterInfo {
+            cluster_id: me.clone(),
+            cluster_name: Some(identity.name().to_owned()),
+            peering_endpoint: endpoint.clone(),
+            fingerprint: identity.fingerprint(),
+        };
+        liqo_core::info::publish(&client, &info)
+            .await
+            .map_err(|e| start_err("publishing liqo-system/liqo-cluster-info")(&e))?;
+
+        // Discovery.
+        let d = &cfg.raw.discovery;
+        let mut builder = CompositeDiscovery::builder();
+        let mut sources = 0;
+        if d.mdns.enabled {
+            let mdns = liqo_discovery_mdns::MdnsDiscovery::new(
+                liqo_discovery_mdns::MdnsConfig::default().interfaces(
+                    d.mdns
+                        .interfaces
+                        .iter()
+                        .map(|i| liqo_discovery_mdns::Interface::from(i.as_str())),
+                ),
+            )
+            .map_err(|e| start_err("starting mDNS discovery (discovery.mdns)")(&e))?;
+            builder = builder.source(mdns);
+            sources += 1;
+        }
+        if let Some(dns) = &d.dns {
+            let mut c = liqo_discovery_dns::DnsConfig::new(dns.domain.clone());
+            if let Some(s) = dns.server {
+                c = c.nameservers([s]);
+            }
+            let dns = liqo_discovery_dns::DnsDiscovery::new(c)
+                .map_err(|e| start_err("starting DNS discovery (discovery.dns)")(&e))?;
+            builder = builder.source(dns);
+            sources += 1;
+        }
+        if let Some(file) = &d.r#static.file {
+            builder = builder.source(liqo_discovery_static::FileDiscovery::new(file.clone()));
+            sources += 1;
+        }
+        if !cfg.static_peers.is_empty() {
+            builder = builder.source(liqo_discovery_static::StaticDiscovery::new(
+                cfg.static_peers.clone(),
+            ));
+            sources += 1;
+        }
+        if d.foreign_clusters {
+            builder = builder.source(liqo_discovery_static::ForeignClusterDiscovery::new(
+                client.clone(),
+            ));
+            sources += 1;
+        }
+        if sources > 0 {
+            let composite = builder.ignore(me.clone()).build();
+            if let Some(endpoint) = &endpoint {
+                let ad = PeerAdvertisement {
+                    cluster_id: me.clone(),
+                    cluster_name: identity.name().to_owned(),
+                    peering_endpoint: endpoint.clone(),
+                    key_fingerprint: Some(identity.fingerprint()),
+                    protocol_version: liqo_core::PROTOCOL_VERSION,
+                    source: liqo_core::DiscoverySource::Manual,
+                    ttl: None,
+                };
+                if let Err(e) = composite.advertise(&ad).await {
+                    tracing::warn!(error = %e, "advertising this cluster failed");
+                }
+            }
+            let mut auto = AutoPeerPolicy::none();
+            for s in &cfg.auto_peer {
+                auto = auto.allow(*s);
+            }
+            spawn(
+                &mut tasks,
+                "discovery controller",
+                DiscoveryController::new(client.clone(), composite)
+                    .with_config(
+                        ControllerConfig::default()
+                            .auto_peer(auto)
+                            .local_cluster(me.clone()),
+                    )
+                    .run(cancel.clone().cancelled_owned()),
+            );
+        }
+
+        // The virtual kubelet.
+        let vk = &cfg.raw.virtual_kubelet;
+        if vk.provider.enabled {
+            spawn(
+                &mut tasks,
+                "virtual kubelet (provider)",
+                ProviderAgent::new(client.clone(), me.clone())
+                    .run(cancel.clone().cancelled_owned()),
+            );
+        }
+        if vk.consumer.enabled {
+            let reflectors = liqo_reflectors_k8s::all().into_iter().filter(|r| {
+                vk.consumer
+                    .reflectors
+                    .as_ref()
+                    .is_none_or(|want| want.iter().any(|k| k == r.kind()))
+            });
+            let config = liqo_vk::ConsumerConfig {
+                heartbeat: Duration::from_secs(vk.consumer.heartbeat_seconds),
+                webhook: vk.consumer.webhook,
+                webhook_service: vk.consumer.webhook_service.as_ref().map(|s| {
+                    liqo_vk::webhook::WebhookService {
+                        namespace: s.namespace.clone(),
+                        name: s.name.clone(),
+                        port: s.port,
+                    }
+                }),
+                ..liqo_vk::ConsumerConfig::default()
+            };
+            let pods = PodReflector::new(me.clone()).with_config(EngineConfig {
+                workers: vk.consumer.pod_workers,
+                ..EngineConfig::default()
+            });
+            let agent = ConsumerAgent::builder(client.clone(), me.clone())
+                .reflectors(reflectors)
+                .translation(SharedTranslation(translation))
+                .config(config)
+                .pod_reflector(pods)
+                .build();
+            spawn(
+                &mut tasks,
+                "virtual kubelet (consumer)",
+                agent.run(cancel.clone().cancelled_owned()),
+            );
+        }
+        readiness.set_started();
+        Ok(Self {
+            cluster_id: me,
+            metrics_addr,
+            peering_addr,
+            cancel,
+            tasks,
+        })
+    }
+
+    /// Runs until `shutdown` resolves or a component fails, then stops every component: peerings,
+    /// tunnels and remote workloads are left in place. `Err` names the component that failed.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let mut failure = None;
+        tokio::select! {
+            () = shutdown => tracing::info!("shutting down"),
+            Some(joined) = self.tasks.join_next() => {
+                let (component, result) = joined.unwrap_or(("a component", Err("panicked".into())));
+                tracing::error!(component, result = ?result, "component stopped; shutting down");
+                failure = Some(AgentError::Component {
+                    component,
+                    message: result.err().unwrap_or_else(|| "stopped unexpectedly".into()),
+                });
+            }
+        }
+        self.cancel.cancel();
+        let drain = async {
+            while let Some(joined) = self.tasks.join_next().await {
+                match joined {
+                    Ok((component, Err(e))) => {
+                        tracing::warn!(component, error = %e, "stopped with an error")
+                    }
+                    Ok((component, Ok(()))) => tracing::debug!(component, "stopped"),
+                    Err(e) => tracing::warn!(error = %e, "a component panicked"),
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(30), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("components still stopping after 30s; leaving them");
+        }
+        tracing::info!("agent stopped");
+        failure.map_or(Ok(()), Err)
+    }
+}

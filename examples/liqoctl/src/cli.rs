@@ -1,0 +1,336 @@
+//! The command line: commands, flags and their parsers.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{ArgAction, ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use liqo_core::{
+    ClusterId,
+    crds::{NamespaceMappingStrategy, PodOffloadingStrategy},
+};
+
+/// liqoctl: peer clusters, offload namespaces and inspect liqo-rs peerings.
+#[derive(Debug, Parser)]
+#[command(name = "liqoctl", version, about, long_about = None)]
+pub struct Cli {
+    /// The kubeconfig of the local cluster (default: $KUBECONFIG, then ~/.kube/config, then the
+    /// in-cluster service account).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
+    /// Output format of commands that print data (`discover`, `info`, `diagnose`, `version`).
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// How long to wait for the agents to converge, e.g. `90s`, `5m`, `1h`.
+    #[arg(long, global = true, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Wait until the agents converged (`--wait=false`: apply the intent and return).
+    #[arg(long, global = true, value_name = "BOOL", default_value_t = true, action = ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub wait: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How data is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns for people.
+    Table,
+    /// YAML.
+    Yaml,
+    /// JSON.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Peer with a provider: this cluster (the current context) consumes its resources.
+    Peer(PeerArgs),
+    /// Stop consuming a provider's resources (keeps the peer's own consumption, if any).
+    Unpeer {
+        /// The provider's cluster id (see `liqoctl discover`).
+        cluster_id: ClusterId,
+    },
+    /// Offload a namespace to the providers.
+    Offload {
+        /// What to offload.
+        #[command(subcommand)]
+        target: OffloadTarget,
+    },
+    /// Stop offloading a namespace: remote twins and the pods in them are deleted.
+    Unoffload {
+        /// What to stop offloading.
+        #[command(subcommand)]
+        target: UnoffloadTarget,
+    },
+    /// List the clusters discovery found (one ForeignCluster each).
+    Discover,
+    /// Show each peering: authentication, network, virtual node, resources offered and used.
+    Info {
+        /// Only this peer.
+        cluster_id: Option<ClusterId>,
+    },
+    /// Check a peering step by step and stop at the first failing step, saying what to do.
+    Diagnose(DiagnoseArgs),
+    /// Print liqoctl's version.
+    Version,
+}
+
+/// `peer` flags.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("provider").required(true).args(["cluster_id", "provider_kubeconfig"])))]
+pub struct PeerArgs {
+    /// A discovered cluster to peer with (its ForeignCluster must have an endpoint and a key
+    /// fingerprint). Not with `--provider-kubeconfig`.
+    pub cluster_id: Option<ClusterId>,
+    /// The provider's kubeconfig: its identity and endpoint are read from its cluster info.
+    #[arg(long, value_name = "PATH")]
+    pub provider_kubeconfig: Option<PathBuf>,
+    /// The context in the provider's kubeconfig (default: its current context).
+    #[arg(long, value_name = "NAME", requires = "provider_kubeconfig")]
+    pub provider_context: Option<String>,
+    /// Whether to wait for the network: `auto` waits when a network fabric reports on the peer.
+    #[arg(long, value_enum, default_value_t = NetworkWait::Auto)]
+    pub network: NetworkWait,
+}
+
+/// Whether `peer` waits for `NetworkReady`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetworkWait {
+    /// Wait when a fabric reports on the peer (a `NetworkReady` condition, the `liqo.io/network`
+    /// finalizer or a `Tunnel`, within 10 s).
+    Auto,
+    /// Always wait.
+    Require,
+    /// Never wait.
+    Skip,
+}
+
+/// `diagnose` flags.
+#[derive(Debug, Args)]
+pub struct DiagnoseArgs {
+    /// The peer to check (default: every peer with a role).
+    pub cluster_id: Option<ClusterId>,
+    /// How old the last tunnel handshake may be.
+    #[arg(long, value_name = "DURATION", default_value = "3m", value_parser = parse_duration)]
+    pub max_handshake_age: Duration,
+    /// How long to watch the tunnel's counters for traffic through the NAT.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub traffic_window: Duration,
+}
+
+/// `offload` targets.
+#[derive(Debug, Subcommand)]
+pub enum OffloadTarget {
+    /// Offload a namespace (creates its NamespaceOffloading `offloading`).
+    Namespace(OffloadNamespaceArgs),
+}
+
+/// `unoffload` targets.
+#[derive(Debug, Subcommand)]
+pub enum UnoffloadTarget {
+    /// Stop offloading a namespace (deletes its NamespaceOffloading).
+    Namespace {
+        /// The namespace.
+        name: String,
+    },
+}
+
+/// `offload namespace` flags.
+#[derive(Debug, Args)]
+pub struct OffloadNamespaceArgs {
+    /// The namespace.
+    pub name: String,
+    /// Where its pods may run.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = PodStrategy::LocalAndRemote)]
+    pub pod_offloading_strategy: PodStrategy,
+    /// How the twin namespaces are named.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = MappingStrategy::DefaultName)]
+    pub namespace_mapping_strategy: MappingStrategy,
+    /// The twin namespaces' name (requires `--namespace-mapping-strategy SelectedName`).
+    #[arg(long, value_name = "NAME")]
+    pub remote_namespace_name: Option<String>,
+    /// Only the providers whose virtual nodes have these labels, e.g.
+    /// `topology.kubernetes.io/region=eu-west,tier=gold` (all must match).
+    #[arg(long, value_name = "KEY=VALUE,...", value_parser = parse_selector)]
+    pub selector: Option<Selector>,
+}
+
+/// `--pod-offloading-strategy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodStrategy {
+    /// Only on this cluster's own nodes.
+    #[value(name = "Local")]
+    Local,
+    /// Only on providers.
+    #[value(name = "Remote")]
+    Remote,
+    /// Anywhere; the scheduler decides.
+    #[value(name = "LocalAndRemote")]
+    LocalAndRemote,
+}
+
+impl From<PodStrategy> for PodOffloadingStrategy {
+    fn from(s: PodStrategy) -> Self {
+        match s {
+            PodStrategy::Local => Self::Local,
+            PodStrategy::Remote => Self::Remote,
+            PodStrategy::LocalAndRemote => Self::LocalAndRemote,
+        }
+    }
+}
+
+/// `--namespace-mapping-strategy` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MappingStrategy {
+    /// `<namespace>-<local cluster id>`.
+    #[value(name = "DefaultName")]
+    DefaultName,
+    /// The same name as the local namespace.
+    #[value(name = "EnforceSameName")]
+    EnforceSameName,
+    /// The name given with `--remote-namespace-name`.
+    #[value(name = "SelectedName")]
+    SelectedName,
+}
+
+impl From<MappingStrategy> for NamespaceMappingStrategy {
+    fn from(s: MappingStrategy) -> Self {
+        match s {
+            MappingStrategy::DefaultName => Self::DefaultName,
+            MappingStrategy::EnforceSameName => Self::EnforceSameName,
+            MappingStrategy::SelectedName => Self::SelectedName,
+        }
+    }
+}
+
+/// A label selector of `key=value` pairs, all of which must match.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selector(pub Vec<(String, String)>);
+
+/// Parses `key=value,key2=value2`.
+pub fn parse_selector(s: &str) -> Result<Selector, String> {
+    let mut pairs = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not key=value"))?;
+        let (k, v) = (k.trim(), v.trim().trim_start_matches('='));
+        if k.is_empty() {
+            return Err(format!("{part:?} has an empty key"));
+        }
+        if k.contains('!') {
+            return Err(format!("{part:?}: only key=value (equality) is supported"));
+        }
+        pairs.push((k.to_owned(), v.to_owned()));
+    }
+    if pairs.is_empty() {
+        return Err("empty selector: give key=value pairs separated by commas".into());
+    }
+    Ok(Selector(pairs))
+}
+
+/// Parses a duration: a number with a unit (`ms`, `s`, `m`, `h`), or several (`1m30s`); a bare
+/// number means seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty duration".into());
+    }
+    if let Ok(secs) = t.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!("{s:?}: expected a number, e.g. 30s, 5m, 1h"));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("{s:?}: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        total += match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "" => return Err(format!("{s:?}: missing unit after {n} (ms, s, m or h)")),
+            u => return Err(format!("{s:?}: unknown unit {u:?} (ms, s, m or h)")),
+        };
+    }
+    Ok(total)
+}
+
+/// The clap command, named `kubectl liqo` when run as the kubectl plugin.
+pub fn command(plugin: bool) -> clap::Command {
+    let cmd = Cli::command();
+    if plugin {
+        cmd.name("kubectl-liqo").bin_name("kubectl liqo")
+    } else {
+        cmd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("5").is_ok());
+        assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
+        assert!(
+            parse_duration("m")
+                .unwrap_err()
+                .contains("expected a number")
+        );
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn selectors() {
+        let s = parse_selector("a=b, c.io/d=e").unwrap();
+        assert_eq!(
+            s.0,
+            vec![("a".into(), "b".into()), ("c.io/d".into(), "e".into())]
+        );
+        assert!(parse_selector("a").unwrap_err().contains("not key=value"));
+        assert!(parse_selector("=b").unwrap_err().contains("empty key"));
+        assert!(parse_selector("a!=b").is_err());
+        assert!(parse_selector(",").is_err());
+    }
+
+    #[test]
+    fn command_is_consistent() {
+        command(false).debug_assert();
+        command(true).debug_assert();
+    }
+
+    #[test]
+    fn wait_flag_forms() {
+        let c = Cli::try_parse_from(["liqoctl", "--wait=false", "discover"]).unwrap();
+        assert!(!c.wait);
+        let c = Cli::try_parse_from(["liqoctl", "discover", "--wait"]).unwrap();
+        assert!(c.wait);
+        let c = Cli::try_parse_from(["liqoctl", "discover"]).unwrap();
+        assert!(c.wait);
+    }
+}
