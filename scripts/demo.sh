@@ -1,24 +1,326 @@
 #!/usr/bin/env bash
-# The main job. Today: builds what is missing and starts two real lab clusters that kubectl can
-# use (`scripts/demo.sh`), shows them (`scripts/demo.sh status`) and removes them
-# (`scripts/demo.sh down`). Peering and offloading join the demo as their issues land.
+# The main job of liqo-rs, on one machine, as root:
+#
+#   scripts/demo.sh [up]   builds what is missing, starts three real lab clusters (rome and milan
+#                          share pod CIDR 10.244.0.0/16, turin has 10.245.0.0/16) with a real
+#                          network data plane, runs one liqo-agent per cluster, peers rome with
+#                          milan and turin, offloads namespace `demo` (Deployment, Service,
+#                          ConfigMap), prints where every pod runs, and sends an HTTP request from
+#                          a pod in rome to each offloaded pod, through the WireGuard tunnel and
+#                          the double NAT. Leaves everything up and prints the kubeconfigs.
+#   scripts/demo.sh burst  cloud bursting on the running demo: a LocalAndRemote namespace fills
+#                          rome's own (small) nodes first, overflows onto the virtual nodes when
+#                          scaled up, and shrinks back home first when scaled down.
+#   scripts/demo.sh status the lab, the agents and the peerings.
+#   scripts/demo.sh down   stops the agents and the lab and removes everything (idempotent).
+#
+# Everything lives in $LIQO_DEMO_DIR (default ~/.local/state/liqo-demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo >/dev/null || { echo "cargo is needed: https://rustup.rs" >&2; exit 1; }
-command -v setpriv >/dev/null || { echo "setpriv (Debian: util-linux) is needed" >&2; exit 1; }
+
+log() { printf '\n\033[1;34m==>\033[0m \033[1m%s\033[0m\n' "$*" >&2; }
+note() { printf '    %s\n' "$*" >&2; }
+die() { printf '\033[1;31merror:\033[0m %s\n' "$*" >&2; exit 1; }
+
+DEMO_DIR=${LIQO_DEMO_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/liqo-demo}
+export LIQO_LAB_STATE_DIR=$DEMO_DIR/lab
+AGENTS=$DEMO_DIR/agents
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug
+CLUSTERS=(rome milan turin)
+declare -A POD_CIDR=([rome]=10.244.0.0/16 [milan]=10.244.0.0/16 [turin]=10.245.0.0/16)
+declare -A SLOT=([rome]=0 [milan]=1 [turin]=2)
+
+lab() { "$BIN/liqo-lab" "$@"; }
+kc() { echo "$LIQO_LAB_STATE_DIR/$1/admin.kubeconfig"; }
+k() { local c=$1; shift; "$KUBECTL" --kubeconfig "$(kc "$c")" "$@"; }
+liqoctl() { local c=$1; shift; "$BIN/liqoctl" --kubeconfig "$(kc "$c")" "$@"; }
+
+prerequisites() {
+  [ "$(id -u)" = 0 ] || die "the demo makes network namespaces, veths and WireGuard interfaces: run it as root"
+  command -v cargo >/dev/null || die "cargo is needed: https://rustup.rs"
+  declare -A pkgs=([setpriv]=util-linux [ip]=iproute2 [nft]=nftables [wireguard-go]=wireguard-go
+                   [wg]=wireguard-tools [jq]=jq [ping]=iputils-ping)
+  local missing=() cmd
+  for cmd in "${!pkgs[@]}"; do command -v "$cmd" >/dev/null || missing+=("${pkgs[$cmd]}"); done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+build() {
+  log "building the lab's Kubernetes binaries (cached after the first time) and liqo-rs"
+  if command -v kubectl >/dev/null; then
+    LIQO_LAB_BIN_DIR=${LIQO_LAB_BIN_DIR:-$(scripts/lab-binaries.sh)}
+    KUBECTL=$(command -v kubectl)
+  else
+    LIQO_LAB_BIN_DIR=${LIQO_LAB_BIN_DIR:-$(scripts/lab-binaries.sh --kubectl)}
+    KUBECTL=$LIQO_LAB_BIN_DIR/kubectl
+  fi
+  export LIQO_LAB_BIN_DIR
+  cargo build --locked -q -p liqo-lab -p liqo-agent -p liqoctl
+}
+
+find_kubectl() {
+  if command -v kubectl >/dev/null; then KUBECTL=$(command -v kubectl)
+  elif [ -x "${LIQO_LAB_BIN_DIR:-}/kubectl" ]; then KUBECTL=$LIQO_LAB_BIN_DIR/kubectl
+  else KUBECTL=$(scripts/lab-binaries.sh --kubectl)/kubectl; fi
+}
+
+# GET http://127.0.0.1:PORT/PATH with bash alone; prints the status code.
+http_status() {
+  local port=$1 path=$2 line
+  { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null || { echo 000; return; }
+  printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3
+  IFS= read -r -t 5 line <&3 || line=""
+  exec 3<&- 3>&-
+  set -- $line
+  echo "${2:-000}"
+}
+
+agent_config() {
+  local c=$1 s=${SLOT[$1]} status=$2 netns wan
+  netns=$(jq -r --arg c "$c" '.clusters[] | select(.name == $c) | .gateway.netnsPath' <<<"$status")
+  wan=$(jq -r --arg c "$c" '.clusters[] | select(.name == $c) | .gateway.wanAddress' <<<"$status")
+  [ -n "$netns" ] && [ "$netns" != null ] || die "the lab reports no gateway network namespace for $c"
+  cat <<EOF
+# liqo-agent configuration of cluster $c, written by scripts/demo.sh.
+kubeconfig: $(kc "$c")
+metricsAddr: 127.0.0.1:$((19090 + s))
+cluster:
+  name: $c
+  id: $c
+  podCidr: ${POD_CIDR[$c]}
+  serviceCidr: 10.96.0.0/16
+discovery:
+  mdns: {enabled: false}
+  foreignClusters: true
+peering:
+  listen: 127.0.0.1:$((18443 + s))
+  endpoint: https://127.0.0.1:$((18443 + s))
+  policy: AcceptAll
+  offer: {cpu: "4", memory: 8Gi, pods: 20}
+network:
+  enabled: true
+  backend: userspace
+  implementation: wireguard-go
+  interface: liqo-$c
+  listenPort: 51820
+  endpoint: $wan:51820
+  netns: $netns
+virtualKubelet:
+  consumer:
+    enabled: true
+    webhook: 127.0.0.1:$((19443 + s))
+    heartbeatSeconds: 5
+  provider:
+    enabled: true
+EOF
+}
+
+start_agents() {
+  local status c s pid
+  status=$(lab status -o json)
+  mkdir -p "$AGENTS"
+  for c in "${CLUSTERS[@]}"; do
+    agent_config "$c" "$status" >"$AGENTS/$c.yaml"
+    "$BIN/liqo-agent" --config "$AGENTS/$c.yaml" --check >/dev/null
+    setsid "$BIN/liqo-agent" --config "$AGENTS/$c.yaml" >"$AGENTS/$c.log" 2>&1 </dev/null &
+    echo $! >"$AGENTS/$c.pid"
+    note "$c: liqo-agent pid $! (config $AGENTS/$c.yaml, log $AGENTS/$c.log)"
+  done
+  for c in "${CLUSTERS[@]}"; do
+    s=${SLOT[$c]}
+    for _ in $(seq 1 120); do
+      [ "$(http_status $((19090 + s)) /readyz)" = 200 ] && continue 2
+      pid=$(cat "$AGENTS/$c.pid")
+      kill -0 "$pid" 2>/dev/null || { tail -n 30 "$AGENTS/$c.log" >&2; die "the agent of $c exited"; }
+      sleep 0.5
+    done
+    tail -n 30 "$AGENTS/$c.log" >&2
+    die "the agent of $c is not ready after 60 s (log above)"
+  done
+  note "all agents ready (/readyz 200)"
+}
+
+stop_agents() {
+  local c pid
+  for c in "${CLUSTERS[@]}"; do
+    [ -f "$AGENTS/$c.pid" ] || continue
+    pid=$(cat "$AGENTS/$c.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$AGENTS/$c.pid"
+    # wireguard-go keeps its control socket in the host's /run/wireguard.
+    rm -f "/run/wireguard/liqo-$c.sock"
+  done
+}
+
+sample_app() {
+  cat <<'EOF'
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: hello-config, namespace: demo}
+data: {GREETING: "ciao from liqo-rs"}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hello, namespace: demo}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: hello}}
+  template:
+    metadata:
+      # lab.liqo.io/netns: the lab gives the pod a real network namespace and an HTTP server.
+      labels: {app: hello, lab.liqo.io/netns: "true"}
+    spec:
+      containers:
+        - name: hello
+          image: ghcr.io/liqo-rs/hello:demo
+          ports: [{containerPort: 8080}]
+          envFrom: [{configMapRef: {name: hello-config}}]
+          resources: {requests: {cpu: 100m, memory: 64Mi}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: hello, namespace: demo}
+spec:
+  selector: {app: hello}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: default, labels: {lab.liqo.io/netns: "true"}}
+spec:
+  containers: [{name: client, image: ghcr.io/liqo-rs/client:demo}]
+EOF
+}
+
+up() {
+  prerequisites
+  build
+  if lab status >/dev/null 2>&1; then
+    die "a demo is already up ($DEMO_DIR): run scripts/demo.sh down first"
+  fi
+  log "starting three lab clusters with a network data plane"
+  RUST_LOG=${RUST_LOG:-warn} lab up --names "$(IFS=,; echo "${CLUSTERS[*]}")" \
+    --pod-cidrs "${POD_CIDR[rome]},${POD_CIDR[milan]},${POD_CIDR[turin]}" \
+    --service-cidr 10.96.0.0/16 --workers 2 --worker-cpu 2 --worker-memory 8Gi --dataplane
+
+  log "starting one liqo-agent per cluster"
+  start_agents
+
+  log "peering rome with milan and turin (rome consumes, they provide)"
+  liqoctl rome peer --provider-kubeconfig "$(kc milan)"
+  liqoctl rome peer --provider-kubeconfig "$(kc turin)"
+  k rome get nodes -L liqo.io/type
+
+  log "offloading namespace demo (pods may run only on the providers)"
+  k rome create namespace demo >/dev/null
+  liqoctl rome offload namespace demo --pod-offloading-strategy Remote
+  sample_app | k rome apply -f - >/dev/null
+  k rome -n demo rollout status deployment/hello --timeout=180s >/dev/null
+  k rome wait pod/client --for=condition=Ready --timeout=120s >/dev/null
+
+  log "where every pod runs"
+  note "rome (the pods' home; IPs as rome sees them):"
+  k rome -n demo get pods -o wide
+  for c in milan turin; do
+    note "$c (twin namespace demo-rome; real IPs):"
+    k "$c" -n demo-rome get pods -o wide
+  done
+  note "reflected into milan: ConfigMap, Service and the EndpointSlice"
+  k milan -n demo-rome get configmap/hello-config service/hello
+  k milan -n demo-rome get endpointslices
+
+  log "HTTP from pod default/client in rome to each offloaded pod, through tunnel and NAT"
+  local client_ip ip name
+  client_ip=$(k rome get pod client -o jsonpath='{.status.podIP}')
+  note "client pod in rome: $client_ip"
+  while read -r name ip; do
+    printf '    rome:client -> %-24s %-12s  ' "$name" "$ip"
+    lab http --cluster rome --pod default/client "http://$ip:8080/"
+  done < <(k rome -n demo get pods -l app=hello \
+             -o jsonpath='{range .items[*]}{.metadata.name} {.status.podIP}{"\n"}{end}')
+  note "(ip= is the pod's real address in its cluster, client= how it saw rome's client)"
+
+  log "peerings as liqoctl sees them"
+  liqoctl rome info
+
+  log "the demo is up"
+  for c in "${CLUSTERS[@]}"; do note "export KUBECONFIG=$(kc "$c")   # $c"; done
+  note "agents: $AGENTS/<cluster>.log, metrics: http://127.0.0.1:19090/metrics (rome)"
+  note "next: scripts/demo.sh burst | scripts/demo.sh status | scripts/demo.sh down"
+}
+
+burst() {
+  find_kubectl
+  lab status >/dev/null 2>&1 || die "no demo is up: run scripts/demo.sh first"
+  log "cloud bursting: namespace burst, LocalAndRemote; rome has 2 workers of 2 CPUs"
+  k rome create namespace burst >/dev/null 2>&1 || true
+  liqoctl rome offload namespace burst --pod-offloading-strategy LocalAndRemote
+  cat <<'EOF' | k rome apply -f - >/dev/null
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: burst, namespace: burst}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: burst}}
+  template:
+    metadata: {labels: {app: burst}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: work
+          image: ghcr.io/liqo-rs/work:demo
+          resources: {requests: {cpu: "1", memory: 256Mi}}
+EOF
+  show() {
+    k rome -n burst rollout status deployment/burst --timeout=180s >/dev/null
+    k rome -n burst get pods -o custom-columns=POD:.metadata.name,NODE:.spec.nodeName,IP:.status.podIP,DELETION-COST:'.metadata.annotations.controller\.kubernetes\.io/pod-deletion-cost' --sort-by=.spec.nodeName
+  }
+  log "4 replicas (1 CPU each): rome's own nodes are enough"
+  show
+  log "scaled to 8: rome's nodes are full, the overflow lands on the virtual nodes"
+  k rome -n burst scale deployment/burst --replicas=8 >/dev/null
+  show
+  log "scaled back to 4: the remote pods go first (pod-deletion-cost)"
+  k rome -n burst scale deployment/burst --replicas=4 >/dev/null
+  for _ in $(seq 1 120); do
+    [ "$(k rome -n burst get pods --no-headers 2>/dev/null | wc -l)" = 4 ] && break
+    sleep 0.5
+  done
+  show
+}
+
+status() {
+  find_kubectl
+  lab status || true
+  local c pid
+  for c in "${CLUSTERS[@]}"; do
+    pid=$(cat "$AGENTS/$c.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then note "agent $c: running (pid $pid)"
+    else note "agent $c: not running"; fi
+  done
+  [ -f "$(kc rome)" ] && liqoctl rome info || true
+}
+
+down() {
+  [ -x "$BIN/liqo-lab" ] || cargo build --locked -q -p liqo-lab
+  stop_agents
+  lab down
+  rm -rf "$DEMO_DIR"
+}
+
 cmd=${1:-up}
 shift || true
 case "$cmd" in
-  up)
-    LIQO_LAB_BIN_DIR=${LIQO_LAB_BIN_DIR:-$(scripts/lab-binaries.sh)}
-    export LIQO_LAB_BIN_DIR
-    cargo run -q --locked -p liqo-lab -- up --clusters 2 "$@"
-    ;;
-  status | down)
-    cargo run -q --locked -p liqo-lab -- "$cmd" "$@"
-    ;;
-  *)
-    echo "usage: scripts/demo.sh [up|status|down] [liqo-lab options]" >&2
-    exit 2
-    ;;
+  up) up "$@" ;;
+  burst) burst ;;
+  status) status ;;
+  down) down ;;
+  *) echo "usage: scripts/demo.sh [up|burst|status|down]" >&2; exit 2 ;;
 esac
