@@ -213,7 +213,6 @@ where
 }
 
 /// What the agent runs, started; see [`Agent::start`].
-#[derive(Debug)]
 pub struct Agent {
     /// This cluster's id.
     pub cluster_id: ClusterId,
@@ -223,6 +222,19 @@ pub struct Agent {
     pub peering_addr: Option<std::net::SocketAddr>,
     cancel: CancellationToken,
     tasks: Tasks,
+    /// The WireGuard gateway, removed at shutdown (interface, routes, NAT, daemon).
+    gateway: Option<Arc<dyn liqo_net::GatewayFabric>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("cluster_id", &self.cluster_id)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("peering_addr", &self.peering_addr)
+            .field("gateway", &self.gateway.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Agent {
@@ -273,12 +285,14 @@ impl Agent {
         network.external_cidr = cfg.external_cidr;
         // The network fabric: its parameters (gateway endpoint and key) go to peers at each grant,
         // its links translate offloaded pods' addresses.
+        let mut gateway = None;
         let (network_source, translation): (NetworkSource, Arc<dyn liqo_vk::AddressTranslation>) =
             if cfg.raw.network.enabled {
                 network.gateway_endpoint = cfg.raw.network.endpoint.clone();
                 let fabric = crate::network::fabric(&client, &cfg, network)
                     .await
                     .map_err(|e| start_err("starting the network fabric (network)")(&e))?;
+                gateway = Some(fabric.clone());
                 let controller =
                     liqo_net::NetworkController::new(client.clone(), me.clone(), fabric.clone());
                 let links = controller.links();
@@ -522,6 +536,7 @@ impl Agent {
             peering_addr,
             cancel,
             tasks,
+            gateway,
         })
     }
 
@@ -557,6 +572,15 @@ impl Agent {
             .is_err()
         {
             tracing::warn!("components still stopping after 30s; leaving them");
+        }
+        // The gateway goes with the agent, leaving no interface, route, NAT table or daemon
+        // behind; peerings, NetworkConfig views and allocations stay, so the next start
+        // rebuilds the same tunnels. Remote workloads keep running on the providers meanwhile.
+        if let Some(gateway) = self.gateway.take() {
+            match gateway.shutdown().await {
+                Ok(()) => tracing::info!("gateway removed"),
+                Err(e) => tracing::warn!(error = %e, "removing the gateway failed"),
+            }
         }
         tracing::info!("agent stopped");
         failure.map_or(Ok(()), Err)

@@ -1,0 +1,694 @@
+//! The agent's network composition end to end, as `scripts/demo.sh` shows it by hand: two lab
+//! clusters with the same pod CIDR (10.244.0.0/16) and the lab's data plane, one `liqo-agent` per
+//! cluster running its WireGuard gateway (userspace, wireguard-go) in the cluster's gateway
+//! network namespace, a peering, an offloaded Deployment, and an HTTP request from a pod of the
+//! consumer to the offloaded pod through the tunnel and the double NAT. Then SIGTERM: both agents
+//! exit 0 and leave no WireGuard daemon or control socket behind.
+//!
+//! Needs root, `ip`, `nft` and `wireguard-go` (as CI has).
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use futures::{StreamExt, pin_mut};
+use k8s_openapi::{
+    api::{
+        apps::v1::{Deployment, DeploymentSpec},
+        core::v1::{Container, ContainerPort, Namespace, Node, Pod, PodSpec, PodTemplateSpec},
+    },
+    apimachinery::pkg::apis::meta::v1::LabelSelector,
+};
+use kube::{
+    Api, Client, Resource,
+    api::{ObjectMeta, Patch, PatchParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use liqo_core::{
+    ClusterId, DiscoverySource,
+    crds::{
+        DiscoverySpec, ForeignCluster, ForeignClusterSpec, NamespaceOffloading,
+        NamespaceOffloadingSpec, PeeringRole, PodOffloadingStrategy, foreign_cluster_condition,
+    },
+};
+use liqo_lab::{Cluster, ClusterSpec, DataPlane, IpNet, Lab, LabSpec, NETNS_LABEL, WorkerSpec};
+use serde::de::DeserializeOwned;
+use tokio::process::{Child, Command};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+type TestResult = Result<(), Error>;
+
+/// The longest any single step may take.
+const WAIT: Duration = Duration::from_secs(60);
+const CONSUMER: &str = "dp-a";
+const PROVIDER: &str = "dp-b";
+const POD_CIDR: &str = "10.244.0.0/16";
+const OFFLOADED_NS: &str = "dp-offload";
+const MANAGER: &str = "liqo-agent-dataplane-test";
+
+async fn lab() -> &'static Lab {
+    liqo_lab::shared(|| {
+        let cluster = |name: &str| {
+            ClusterSpec::new(name)
+                .pod_cidr(POD_CIDR.parse().expect("a CIDR"))
+                .workers(1, WorkerSpec::new("4", "8Gi", 20))
+        };
+        LabSpec::new([cluster(CONSUMER), cluster(PROVIDER)])
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the shared lab did not start: {e}"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The WireGuard interface of `cluster`'s agent: unique on the machine (control sockets are
+/// shared by every network namespace) and at most 15 characters.
+fn interface(cluster: &str) -> String {
+    let short = cluster.trim_start_matches("dp-");
+    format!("lqdp{short}{}", std::process::id() % 100_000)
+}
+
+fn socket_path(iface: &str) -> PathBuf {
+    Path::new("/run/wireguard").join(format!("{iface}.sock"))
+}
+
+/// Pids of the wireguard-go daemons serving `iface` (`wireguard-go -f <iface>`).
+fn wireguard_go_pids(iface: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"wireguard-go"))
+                && args.get(1) == Some(&&b"-f"[..])
+                && args.get(2) == Some(&iface.as_bytes())
+        })
+        .collect()
+}
+
+/// Removes, pass or fail, the test's directory and whatever WireGuard state of ours survives the
+/// agents (daemons of our interfaces, by pid, and their control sockets).
+struct Leftovers {
+    dir: PathBuf,
+    interfaces: Vec<String>,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for iface in &self.interfaces {
+            for pid in wireguard_go_pids(iface) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+            let _ = std::fs::remove_file(socket_path(iface));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One agent process; killed if the test ends without stopping it.
+struct Agent {
+    child: Child,
+    metrics: String,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(dir: &Path, cluster: &Cluster, dp: &DataPlane) -> Result<Self, Error> {
+        let name = cluster.name();
+        let gw = dp
+            .gateway(name)
+            .ok_or_else(|| format!("the data plane has no gateway for {name}"))?;
+        let (metrics_port, peering_port, webhook_port) = (free_port(), free_port(), free_port());
+        let config = dir.join(format!("{name}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "kubeconfig: {kubeconfig}\n\
+                 metricsAddr: 127.0.0.1:{metrics_port}\n\
+                 cluster:\n  name: {name}\n  id: {name}\n  podCidr: {pod}\n  serviceCidr: {svc}\n\
+                 discovery:\n  mdns: {{enabled: false}}\n  foreignClusters: true\n\
+                 peering:\n  listen: 127.0.0.1:{peering_port}\n  \
+                 endpoint: https://127.0.0.1:{peering_port}\n  policy: AcceptAll\n  \
+                 credentialLifetimeSeconds: 600\n  offer: {{cpu: '4', memory: 8Gi, pods: 20}}\n\
+                 network:\n  enabled: true\n  backend: userspace\n  \
+                 implementation: wireguard-go\n  interface: {iface}\n  listenPort: 51820\n  \
+                 endpoint: {wan}:51820\n  netns: {netns}\n\
+                 virtualKubelet:\n  consumer:\n    enabled: true\n    \
+                 webhook: 127.0.0.1:{webhook_port}\n    heartbeatSeconds: 2\n  \
+                 provider:\n    enabled: true\n",
+                kubeconfig = cluster.kubeconfig_path().display(),
+                pod = cluster.pod_cidr(),
+                svc = cluster.service_cidr(),
+                iface = interface(name),
+                wan = gw.wan_address,
+                netns = gw.netns_path.display(),
+            ),
+        )?;
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_liqo-agent"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--log-format")
+            .arg("json")
+            .env(
+                "RUST_LOG",
+                "info,liqo_net=debug,liqo_wireguard_userspace=debug,kube_runtime=warn",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self {
+            child,
+            metrics: format!("127.0.0.1:{metrics_port}"),
+            log,
+        })
+    }
+
+    fn logs(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Sends SIGTERM (to this child, by pid) and waits for the exit code.
+    async fn terminate(mut self) -> Result<i32, Error> {
+        let pid = self.child.id().ok_or("the agent already exited")?;
+        let rc = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        assert!(rc.success(), "kill -TERM {pid}");
+        let status = tokio::time::timeout(Duration::from_secs(45), self.child.wait())
+            .await
+            .map_err(|_| {
+                format!(
+                    "the agent did not exit within 45s after SIGTERM:\n{}",
+                    self.logs()
+                )
+            })??;
+        Ok(status.code().unwrap_or(-1))
+    }
+}
+
+fn failure(what: &str, agents: &[&Agent], detail: impl std::fmt::Display) -> Error {
+    let logs: Vec<String> = agents.iter().map(|a| a.logs()).collect();
+    format!("{what}: {detail}; agent logs:\n{}", logs.join("\n-----\n")).into()
+}
+
+/// GET over plain HTTP/1.0 on loopback: the status code.
+async fn status_of(addr: &str, path: &str) -> std::io::Result<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    Ok(buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Polls `f` (for what cannot be watched: an HTTP endpoint, a published ConfigMap's contents).
+async fn until<F, Fut, T>(what: &str, agents: &[&Agent], mut f: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err(failure(what, agents, format!("not within {WAIT:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Watches `api` (filtered by `config`) until `f` accepts an object.
+async fn watch_for<K, T>(
+    what: &str,
+    agents: &[&Agent],
+    api: Api<K>,
+    config: watcher::Config,
+    mut f: impl FnMut(&K) -> Option<T>,
+) -> Result<T, Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let found = tokio::time::timeout(WAIT, async {
+        let stream = watcher(api, config).default_backoff().applied_objects();
+        pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            if let Some(v) = item.ok().as_ref().and_then(&mut f) {
+                return Some(v);
+            }
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(v)) => Ok(v),
+        _ => Err(failure(what, agents, format!("not within {WAIT:?}"))),
+    }
+}
+
+fn named(name: &str) -> watcher::Config {
+    watcher::Config::default().fields(&format!("metadata.name={name}"))
+}
+
+fn node_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn network_ready(fc: &ForeignCluster) -> bool {
+    fc.status.as_ref().is_some_and(|s| {
+        liqo_core::conditions::is_true(&s.conditions, foreign_cluster_condition::NETWORK_READY)
+    })
+}
+
+fn running_ip(p: &Pod) -> Option<Ipv4Addr> {
+    let s = p.status.as_ref()?;
+    if s.phase.as_deref() != Some("Running") || p.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    s.pod_ip.as_deref()?.parse().ok()
+}
+
+/// `key=value` from the data plane's one-line answer.
+fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
+    body.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn web_deployment() -> Deployment {
+    let labels = BTreeMap::from([
+        ("app".to_owned(), "web".to_owned()),
+        (NETNS_LABEL.to_owned(), "true".to_owned()),
+    ]);
+    Deployment {
+        metadata: ObjectMeta {
+            name: Some("web".into()),
+            namespace: Some(OFFLOADED_NS.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(BTreeMap::from([("app".to_owned(), "web".to_owned())])),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "web".into(),
+                        image: Some("ghcr.io/liqo-rs/hello:test".into()),
+                        ports: Some(vec![ContainerPort {
+                            container_port: 8080,
+                            ..ContainerPort::default()
+                        }]),
+                        ..Container::default()
+                    }],
+                    termination_grace_period_seconds: Some(1),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+fn client_pod() -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some("client".into()),
+            namespace: Some("default".into()),
+            labels: Some(BTreeMap::from([(
+                NETNS_LABEL.to_owned(),
+                "true".to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "client".into(),
+                image: Some("ghcr.io/liqo-rs/client:test".into()),
+                ..Container::default()
+            }],
+            termination_grace_period_seconds: Some(1),
+            ..PodSpec::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+/// Server-side apply of `obj` through `api`.
+async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    Ok(api
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?)
+}
+
+#[tokio::test]
+async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> TestResult {
+    let started = Instant::now();
+    let lab = lab().await;
+    let (ca, cb) = (
+        lab.cluster(CONSUMER).ok_or("no consumer cluster")?,
+        lab.cluster(PROVIDER).ok_or("no provider cluster")?,
+    );
+    let (a, b): (Client, Client) = (ca.client()?, cb.client()?);
+    let pod_cidr: IpNet = POD_CIDR.parse()?;
+
+    // Drop order (reverse of declaration): agents, then leftovers, then the data plane.
+    let dp = DataPlane::start(lab).await?;
+    let leftovers = Leftovers {
+        dir: std::env::temp_dir().join(format!("liqo-agent-dataplane-{}", std::process::id())),
+        interfaces: vec![interface(CONSUMER), interface(PROVIDER)],
+    };
+    std::fs::create_dir_all(&leftovers.dir)?;
+    for iface in &leftovers.interfaces {
+        // A stale socket of an earlier run with the same pid would only be reclaimed; start clean.
+        let _ = std::fs::remove_file(socket_path(iface));
+    }
+
+    let consumer = Agent::start(&leftovers.dir, ca, &dp)?;
+    let provider = Agent::start(&leftovers.dir, cb, &dp)?;
+    let agents = [&consumer, &provider];
+    for agent in agents {
+        until("/readyz 200", &agents, || async {
+            matches!(status_of(&agent.metrics, "/readyz").await, Ok(200)).then_some(())
+        })
+        .await?;
+    }
+    // Each gateway serves its control socket from its own wireguard-go.
+    for iface in &leftovers.interfaces {
+        assert!(
+            socket_path(iface).exists(),
+            "{} exists",
+            socket_path(iface).display()
+        );
+        assert_eq!(
+            wireguard_go_pids(iface).len(),
+            1,
+            "one wireguard-go for {iface}"
+        );
+    }
+
+    // `liqoctl peer`: the consumer declares the provider (endpoint and pinned key) as Provider.
+    let info = until("the provider's cluster info", &agents, || async {
+        liqo_core::info::read(&b).await.ok().flatten()
+    })
+    .await?;
+    assert_eq!(info.cluster_id.as_str(), PROVIDER);
+    let prov_id: ClusterId = PROVIDER.parse()?;
+    let fc = ForeignCluster::new(
+        PROVIDER,
+        ForeignClusterSpec {
+            cluster_id: prov_id.clone(),
+            cluster_name: info.cluster_name.clone(),
+            peering_endpoint: Some(
+                info.peering_endpoint
+                    .clone()
+                    .ok_or("the provider publishes no peering endpoint")?,
+            ),
+            public_key_fingerprint: Some(info.fingerprint),
+            discovery: DiscoverySpec {
+                source: DiscoverySource::Manual,
+                auto_peer: false,
+            },
+            role: PeeringRole::Provider,
+        },
+    );
+    apply(&Api::<ForeignCluster>::all(a.clone()), PROVIDER, &fc).await?;
+
+    // The tunnel comes up on both sides, and the virtual node on the consumer.
+    watch_for(
+        "NetworkReady on the consumer's ForeignCluster",
+        &agents,
+        Api::<ForeignCluster>::all(a.clone()),
+        named(PROVIDER),
+        |fc| network_ready(fc).then_some(()),
+    )
+    .await?;
+    watch_for(
+        "NetworkReady on the provider's ForeignCluster",
+        &agents,
+        Api::<ForeignCluster>::all(b.clone()),
+        named(CONSUMER),
+        |fc| network_ready(fc).then_some(()),
+    )
+    .await?;
+    let node = liqo_vk::names::node_name(&prov_id);
+    watch_for(
+        "the virtual node Ready",
+        &agents,
+        Api::<Node>::all(a.clone()),
+        named(&node),
+        |n| node_ready(n).then_some(()),
+    )
+    .await?;
+    let peered = started.elapsed();
+
+    // Offload a namespace (pods only on the provider), a Deployment in it and a client at home.
+    apply(
+        &Api::<Namespace>::all(a.clone()),
+        OFFLOADED_NS,
+        &Namespace {
+            metadata: ObjectMeta {
+                name: Some(OFFLOADED_NS.into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        },
+    )
+    .await?;
+    let nsos: Api<NamespaceOffloading> = Api::namespaced(a.clone(), OFFLOADED_NS);
+    apply(
+        &nsos,
+        liqo_vk::names::OFFLOADING_NAME,
+        &NamespaceOffloading::new(
+            liqo_vk::names::OFFLOADING_NAME,
+            NamespaceOffloadingSpec {
+                namespace_mapping_strategy: Default::default(),
+                remote_namespace_name: None,
+                pod_offloading_strategy: PodOffloadingStrategy::Remote,
+                cluster_selector: None,
+            },
+        ),
+    )
+    .await?;
+    watch_for(
+        "the NamespaceOffloading Ready",
+        &agents,
+        nsos,
+        named(liqo_vk::names::OFFLOADING_NAME),
+        |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.phase.as_ref())
+                .filter(|p| format!("{p:?}") == "Ready")
+                .map(|_| ())
+        },
+    )
+    .await?;
+    apply(
+        &Api::<Deployment>::namespaced(a.clone(), OFFLOADED_NS),
+        "web",
+        &web_deployment(),
+    )
+    .await?;
+    apply(
+        &Api::<Pod>::namespaced(a.clone(), "default"),
+        "client",
+        &client_pod(),
+    )
+    .await?;
+
+    // The offloaded pod runs on the virtual node with the address the consumer reaches it at.
+    let (web, seen_ip) = watch_for(
+        "the offloaded pod Running with a pod IP",
+        &agents,
+        Api::<Pod>::namespaced(a.clone(), OFFLOADED_NS),
+        watcher::Config::default().labels("app=web"),
+        |p| {
+            let on_virtual_node =
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
+            let ip = running_ip(p)?;
+            on_virtual_node.then(|| (p.metadata.name.clone().unwrap_or_default(), ip))
+        },
+    )
+    .await?;
+    let client_ip = watch_for(
+        "the client pod Running with a pod IP",
+        &agents,
+        Api::<Pod>::namespaced(a.clone(), "default"),
+        named("client"),
+        running_ip,
+    )
+    .await?;
+
+    // The data plane gave the client (consumer) and the real pod (provider) their namespaces.
+    let nets = dp
+        .wait_pods(WAIT, |nets| {
+            nets.iter()
+                .any(|n| n.cluster == CONSUMER && n.namespace == "default" && n.name == "client")
+                && nets.iter().any(|n| n.cluster == PROVIDER && n.name == web)
+        })
+        .await
+        .map_err(|e| failure("the pod networks", &agents, e))?;
+    let real = nets
+        .iter()
+        .find(|n| n.cluster == PROVIDER && n.name == web)
+        .ok_or("no network for the real pod")?;
+    let client_net = nets
+        .iter()
+        .find(|n| n.cluster == CONSUMER && n.name == "client")
+        .ok_or("no network for the client")?;
+    assert_eq!(
+        client_net.ip, client_ip,
+        "the client's namespace has its IP"
+    );
+    assert!(
+        pod_cidr.contains(&std::net::IpAddr::V4(real.ip)),
+        "the real pod's IP {} is in the provider's pod CIDR {pod_cidr}",
+        real.ip
+    );
+    assert!(
+        !pod_cidr.contains(&std::net::IpAddr::V4(seen_ip)),
+        "the consumer sees the offloaded pod at {seen_ip}, remapped out of the shared pod CIDR \
+         {pod_cidr} (its real IP is {})",
+        real.ip
+    );
+    assert_ne!(seen_ip, real.ip);
+
+    // consumer:client -> <remapped IP>:8080 -> tunnel -> provider's NAT -> the real pod.
+    let url = format!("http://{seen_ip}:8080/");
+    let last = std::cell::RefCell::new(String::new());
+    let body = until("an HTTP answer through the tunnel", &agents, || async {
+        match dp.http_get(CONSUMER, "default", "client", &url).await {
+            Ok(body) => Some(body),
+            Err(e) => {
+                *last.borrow_mut() = e.to_string();
+                None
+            }
+        }
+    })
+    .await
+    .map_err(|e| format!("{e}\nlast error: {}", last.borrow()))?;
+    assert_eq!(field(&body, "cluster"), Some(PROVIDER), "{body}");
+    assert_eq!(field(&body, "pod"), Some(web.as_str()), "{body}");
+    assert_eq!(
+        field(&body, "namespace"),
+        Some(real.namespace.as_str()),
+        "{body}"
+    );
+    assert_eq!(
+        field(&body, "ip"),
+        Some(real.ip.to_string().as_str()),
+        "the pod answers with its real IP: {body}"
+    );
+    let client_seen = field(&body, "client").ok_or_else(|| format!("no client= in {body}"))?;
+    let client_seen = client_seen.split(':').next().unwrap_or_default();
+    assert_ne!(
+        client_seen,
+        client_ip.to_string(),
+        "the provider sees the consumer's client remapped, not at its real IP: {body}"
+    );
+    let answered = started.elapsed();
+
+    // SIGTERM: both agents exit 0 and stop their WireGuard daemons.
+    assert_eq!(consumer.terminate().await?, 0, "consumer exit code");
+    assert_eq!(provider.terminate().await?, 0, "provider exit code");
+    for iface in &leftovers.interfaces {
+        assert!(
+            wireguard_go_pids(iface).is_empty(),
+            "no wireguard-go for {iface} survives its agent"
+        );
+    }
+    // The kernel removes a TUN interface once its last descriptor is closed, shortly after the
+    // daemon's death.
+    for cluster in [CONSUMER, PROVIDER] {
+        let gw = dp.gateway(cluster).ok_or("no gateway")?;
+        let iface = interface(cluster);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let shown = std::process::Command::new("ip")
+                .args(["-n", &gw.netns, "link", "show", &iface])
+                .output()?;
+            if !shown.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the WireGuard interface {iface} is still in {} 10s after its agent exited: {}",
+                gw.netns,
+                String::from_utf8_lossy(&shown.stdout)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The agent removes its gateway on SIGTERM: the daemon's control socket is gone too.
+    let stale: Vec<String> = leftovers
+        .interfaces
+        .iter()
+        .map(|i| socket_path(i))
+        .filter(|p| p.exists())
+        .map(|p| p.display().to_string())
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "WireGuard control sockets left after SIGTERM: {stale:?}"
+    );
+    drop(leftovers);
+    for iface in [interface(CONSUMER), interface(PROVIDER)] {
+        assert!(!socket_path(&iface).exists(), "{iface}'s socket removed");
+    }
+    let gateways: Vec<PathBuf> = dp.gateways().iter().map(|g| g.netns_path.clone()).collect();
+    dp.stop().await?;
+    for path in gateways {
+        assert!(!path.exists(), "{} removed", path.display());
+    }
+    eprintln!(
+        "peered in {peered:?}, answered in {answered:?}, done in {:?}; client {client_ip} -> \
+         {seen_ip}:8080 answered: {body}",
+        started.elapsed()
+    );
+    Ok(())
+}
