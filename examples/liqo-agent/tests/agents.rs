@@ -1,6 +1,10 @@
 //! Two `liqo-agent` processes against a two-cluster lab (network disabled): peering through the
 //! consumer's `ForeignCluster`, a Ready virtual node, metrics and readiness, an offloaded pod,
-//! and a SIGTERM that exits 0 and leaves the remote workload running.
+//! and a SIGTERM that exits 0 and leaves the remote workload running. The agents run as the
+//! ServiceAccount of `deploy/` (its RBAC and admission guard applied, CRDs installed by the
+//! admin), and none of their requests may be refused.
+
+mod common;
 
 use std::{
     path::{Path, PathBuf},
@@ -57,9 +61,11 @@ struct Agent {
 }
 
 impl Agent {
+    /// Starts an agent on `cluster`, authenticated by `kubeconfig`.
     async fn start(
         dir: &Path,
         cluster: &Cluster,
+        kubeconfig: &Path,
         id: &str,
         name: &str,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
@@ -68,7 +74,8 @@ impl Agent {
         std::fs::write(
             &config,
             format!(
-                "cluster:\n  name: {name}\n  id: {id}\n  podCidr: {pod}\n  serviceCidr: {svc}\n\
+                "installCrds: false\n\
+                 cluster:\n  name: {name}\n  id: {id}\n  podCidr: {pod}\n  serviceCidr: {svc}\n\
                  peering:\n  listen: 127.0.0.1:{peering_port}\n  credentialLifetimeSeconds: 600\n  \
                  offer: {{cpu: '4', memory: 8Gi, pods: 20}}\n\
                  virtualKubelet:\n  consumer:\n    heartbeatSeconds: 2\n",
@@ -81,7 +88,7 @@ impl Agent {
             .arg("--config")
             .arg(&config)
             .arg("--kubeconfig")
-            .arg(cluster.kubeconfig_path())
+            .arg(kubeconfig)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--log-format")
@@ -99,10 +106,20 @@ impl Agent {
         })
     }
 
+    /// The refusals the agent logged (all of them), then the last lines of its log.
     fn logs(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        let refused = common::refusals(&self.log);
+        format!(
+            "refusals: {}\n{}",
+            if refused.is_empty() {
+                "none".to_owned()
+            } else {
+                refused.join("\n")
+            },
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     }
 
     /// Sends SIGTERM and waits for the exit code.
@@ -160,10 +177,17 @@ where
         if let Some(v) = f().await {
             return Ok(v);
         }
-        if Instant::now() > deadline {
+        // A refusal fails the test anyway: stop waiting at the first one.
+        let refused = agents.iter().any(|a| !common::refusals(&a.log).is_empty());
+        if refused || Instant::now() > deadline {
+            let why = if refused {
+                "an agent was refused by the API server"
+            } else {
+                "timed out"
+            };
             let logs: Vec<String> = agents.iter().map(|a| a.logs()).collect();
             return Err(format!(
-                "timed out waiting for {what}; agent logs:\n{}",
+                "{why} while waiting for {what}; agent logs:\n{}",
                 logs.join("\n-----\n")
             )
             .into());
@@ -191,8 +215,14 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
     std::fs::create_dir_all(&dir.0)?;
     let dir = &dir.0;
 
-    let consumer = Agent::start(dir, ca, "agent-cons", "Consumer").await?;
-    let provider = Agent::start(dir, cb, "agent-prov", "Provider").await?;
+    // What deploy/ installs, as the admin; the agents run as its ServiceAccount.
+    let (sa_a, sa_b) = (
+        common::install_deploy(ca).await?,
+        common::install_deploy(cb).await?,
+    );
+    let consumer = Agent::start(dir, ca, &sa_a, "agent-cons", "Consumer").await?;
+    let provider = Agent::start(dir, cb, &sa_b, "agent-prov", "Provider").await?;
+    let logs = [consumer.log.clone(), provider.log.clone()];
     let agents = [&consumer, &provider];
 
     // Both become ready (controllers started, local API answering).
@@ -420,6 +450,14 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
     // SIGTERM: both exit 0, the remote workload stays.
     assert_eq!(consumer.terminate().await?, 0, "consumer exit code");
     assert_eq!(provider.terminate().await?, 0, "provider exit code");
+    // The agents log a refusal and retry: a flow can end well while one of its steps (a status
+    // update, a cleanup) was refused. None may have been.
+    let refused: Vec<String> = logs.iter().flat_map(|l| common::refusals(l)).collect();
+    assert!(
+        refused.is_empty(),
+        "the agents (ServiceAccount liqo-system/liqo-agent) were refused by the API server:\n{}",
+        refused.join("\n")
+    );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let shadow_after = Api::<ShadowPod>::namespaced(b.clone(), &twin)
         .get_opt("web")

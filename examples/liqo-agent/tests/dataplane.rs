@@ -5,7 +5,12 @@
 //! consumer to the offloaded pod through the tunnel and the double NAT. Then SIGTERM: both agents
 //! exit 0 and leave no WireGuard daemon or control socket behind.
 //!
+//! The agents run as the ServiceAccount of `deploy/` (its RBAC and admission guard applied, CRDs
+//! installed by the admin), and none of their requests may be refused.
+//!
 //! Needs root, `ip`, `nft` and `wireguard-go` (as CI has).
+
+mod common;
 
 use std::{
     collections::BTreeMap,
@@ -130,7 +135,13 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(dir: &Path, cluster: &Cluster, dp: &DataPlane) -> Result<Self, Error> {
+    /// Starts the agent of `cluster`, authenticated by `kubeconfig`.
+    fn start(
+        dir: &Path,
+        cluster: &Cluster,
+        kubeconfig: &Path,
+        dp: &DataPlane,
+    ) -> Result<Self, Error> {
         let name = cluster.name();
         let gw = dp
             .gateway(name)
@@ -141,6 +152,7 @@ impl Agent {
             &config,
             format!(
                 "kubeconfig: {kubeconfig}\n\
+                 installCrds: false\n\
                  metricsAddr: 127.0.0.1:{metrics_port}\n\
                  cluster:\n  name: {name}\n  id: {name}\n  podCidr: {pod}\n  serviceCidr: {svc}\n\
                  discovery:\n  mdns: {{enabled: false}}\n  foreignClusters: true\n\
@@ -153,7 +165,7 @@ impl Agent {
                  virtualKubelet:\n  consumer:\n    enabled: true\n    \
                  webhook: 127.0.0.1:{webhook_port}\n    heartbeatSeconds: 2\n  \
                  provider:\n    enabled: true\n",
-                kubeconfig = cluster.kubeconfig_path().display(),
+                kubeconfig = kubeconfig.display(),
                 pod = cluster.pod_cidr(),
                 svc = cluster.service_cidr(),
                 iface = interface(name),
@@ -183,10 +195,20 @@ impl Agent {
         })
     }
 
+    /// The refusals the agent logged (all of them), then the last lines of its log.
     fn logs(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        let refused = common::refusals(&self.log);
+        format!(
+            "refusals: {}\n{}",
+            if refused.is_empty() {
+                "none".to_owned()
+            } else {
+                refused.join("\n")
+            },
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     }
 
     /// Sends SIGTERM (to this child, by pid) and waits for the exit code.
@@ -241,6 +263,14 @@ where
         }
         if Instant::now() > deadline {
             return Err(failure(what, agents, format!("not within {WAIT:?}")));
+        }
+        // A refusal fails the test anyway: stop waiting at the first one.
+        if agents.iter().any(|a| !common::refusals(&a.log).is_empty()) {
+            return Err(failure(
+                what,
+                agents,
+                "an agent was refused by the API server",
+            ));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -408,8 +438,14 @@ async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> TestRe
         let _ = std::fs::remove_file(socket_path(iface));
     }
 
-    let consumer = Agent::start(&leftovers.dir, ca, &dp)?;
-    let provider = Agent::start(&leftovers.dir, cb, &dp)?;
+    // What deploy/ installs, as the admin; the agents run as its ServiceAccount.
+    let (sa_a, sa_b) = (
+        common::install_deploy(ca).await?,
+        common::install_deploy(cb).await?,
+    );
+    let consumer = Agent::start(&leftovers.dir, ca, &sa_a, &dp)?;
+    let provider = Agent::start(&leftovers.dir, cb, &sa_b, &dp)?;
+    let logs = [consumer.log.clone(), provider.log.clone()];
     let agents = [&consumer, &provider];
     for agent in agents {
         until("/readyz 200", &agents, || async {
@@ -636,6 +672,14 @@ async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> TestRe
     // SIGTERM: both agents exit 0 and stop their WireGuard daemons.
     assert_eq!(consumer.terminate().await?, 0, "consumer exit code");
     assert_eq!(provider.terminate().await?, 0, "provider exit code");
+    // The agents log a refusal and retry: a flow can end well while one of its steps (a status
+    // update, a cleanup) was refused. None may have been.
+    let refused: Vec<String> = logs.iter().flat_map(|l| common::refusals(l)).collect();
+    assert!(
+        refused.is_empty(),
+        "the agents (ServiceAccount liqo-system/liqo-agent) were refused by the API server:\n{}",
+        refused.join("\n")
+    );
     for iface in &leftovers.interfaces {
         assert!(
             wireguard_go_pids(iface).is_empty(),
