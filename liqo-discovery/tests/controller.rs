@@ -8,10 +8,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::{
-    api::events::v1::Event,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-};
+use k8s_openapi::api::events::v1::Event;
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -64,29 +61,10 @@ async fn client() -> Client {
         .await
         .unwrap_or_else(|e| panic!("the lab did not start: {e}"));
     let client = lab.cluster("disc").unwrap().client().unwrap();
-    install_crds(&client).await;
+    liqo_core::crds::install(&client, &[], "liqo-test")
+        .await
+        .unwrap_or_else(|e| panic!("installing the CRDs: {e}"));
     client
-}
-
-async fn install_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply("liqo-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-        timeout(
-            WAIT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    }
 }
 
 struct Running {

@@ -384,22 +384,11 @@ async fn csrs_for_the_apiserver_client_signer_get_signed() -> TestResult {
 /// itself rejects invalid objects with a message naming the problem, and accepts valid ones.
 #[tokio::test]
 async fn crds_apply_and_the_api_server_enforces_their_schemas() -> TestResult {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 
     let lab = lab().await;
     let client = cluster(lab, "lab-b").client()?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let ssa = PatchParams::apply("liqo-lab-test").force();
-    for crd in liqo_core::crds::all() {
-        let name = crd.metadata.name.clone().ok_or("CRD without name")?;
-        crds.patch(&name, &ssa, &Patch::Apply(&crd)).await?;
-        tokio::time::timeout(
-            WAIT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await??;
-    }
+    liqo_core::crds::install(&client, &[], "liqo-lab-test").await?;
     ensure_namespace(&client, "crd-test").await?;
 
     let api = |kind: &str, plural: &str, namespaced: bool| -> Api<DynamicObject> {

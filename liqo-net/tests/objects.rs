@@ -3,16 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::{
-    api::core::v1::Namespace,
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
-use kube::{
-    Api, Client,
-    api::{Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
-};
+use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use kube::{Api, api::PostParams};
 use liqo_core::{
     ClusterId, DiscoverySource, NetworkParameters,
     conditions::{find, is_true},
@@ -38,30 +30,11 @@ fn params(pod: &str) -> NetworkParameters {
     NetworkParameters::new(pod.parse().unwrap(), "10.96.0.0/12".parse().unwrap())
 }
 
-async fn install_crds(client: &Client) -> TestResult {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.metadata.name.clone().ok_or("CRD without name")?;
-        crds.patch(
-            &name,
-            &PatchParams::apply("liqo-net-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await??;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn allocations_and_link_conditions_live_in_objects() -> TestResult {
     let lab = Lab::start(LabSpec::new([ClusterSpec::new("net-a")])).await?;
     let client = lab.cluster("net-a").ok_or("cluster missing")?.client()?;
-    install_crds(&client).await?;
+    liqo_core::crds::install(&client, &[], "liqo-net-test").await?;
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some("liqo".into()),

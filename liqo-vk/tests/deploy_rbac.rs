@@ -28,7 +28,7 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
     discovery::Scope,
-    runtime::wait::{await_condition, conditions},
+    runtime::wait::await_condition,
 };
 use liqo_core::{
     NetworkParameters, ResourceOffer,
@@ -196,17 +196,8 @@ async fn installed() -> &'static Lab {
                         for doc in documents(&file)? {
                             apply_doc(&admin, &doc, false).await?;
                             let crd: CustomResourceDefinition = serde_json::from_value(doc)?;
-                            let crd_name = crd.name_any();
-                            tokio::time::timeout(
-                                WAIT,
-                                await_condition(
-                                    Api::<CustomResourceDefinition>::all(admin.clone()),
-                                    &crd_name,
-                                    conditions::is_crd_established(),
-                                ),
-                            )
-                            .await
-                            .map_err(|_| format!("CRD {crd_name} not established"))??;
+                            liqo_core::crds::wait_established(&admin, &crd.name_any(), WAIT)
+                                .await?;
                         }
                     }
                     for file in ["namespace.yaml", "rbac.yaml", "guard.yaml"] {

@@ -11,25 +11,16 @@ use custom_reflector::{
     offloading_cluster_role,
 };
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::{
-    api::{
-        authorization::v1::{
-            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-        },
-        core::v1::Namespace,
-        events::v1::Event,
-        rbac::v1::{ClusterRole, RoleBinding, RoleRef, Subject},
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
+    core::v1::Namespace,
+    events::v1::Event,
+    rbac::v1::{ClusterRole, RoleBinding, RoleRef, Subject},
 };
 use kube::{
     Api, CustomResourceExt, Resource, ResourceExt,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
-    runtime::{
-        WatchStreamExt,
-        wait::{await_condition, conditions},
-        watcher,
-    },
+    runtime::{WatchStreamExt, wait::await_condition, watcher},
 };
 use liqo_core::{ClusterId, ReflectionScope, ResourceReflector};
 use liqo_lab::{Cluster, ClusterSpec, Lab, LabSpec};
@@ -90,17 +81,7 @@ async fn installed() -> &'static Lab {
             let go = async {
                 for name in [CONSUMER, PROVIDER] {
                     let client = cluster(lab, name).client()?;
-                    let crds: Api<CustomResourceDefinition> = Api::all(client);
-                    apply(&crds, &Greeting::crd()).await?;
-                    tokio::time::timeout(
-                        WAIT,
-                        await_condition(
-                            crds,
-                            "greetings.example.com",
-                            conditions::is_crd_established(),
-                        ),
-                    )
-                    .await??;
+                    liqo_core::crds::install(&client, &[Greeting::crd()], MANAGER).await?;
                 }
                 let roles: Api<ClusterRole> = Api::all(cluster(lab, PROVIDER).client()?);
                 for role in [

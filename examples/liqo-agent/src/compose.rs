@@ -6,11 +6,7 @@
 
 use std::{future::Future, path::Path, sync::Arc, time::Duration};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::{
-    Api, Client,
-    api::{Patch, PatchParams},
-};
+use kube::Client;
 use liqo_core::{ClusterId, Discovery, NetworkParameters, PeerAdvertisement, ResourceOffer};
 use liqo_discovery::{AutoPeerPolicy, CompositeDiscovery, ControllerConfig, DiscoveryController};
 use liqo_peering_csr::{
@@ -87,41 +83,12 @@ pub async fn client(path: Option<&Path>) -> Result<(Client, kube::Config), Agent
 
 /// Applies the liqo CRDs (server-side apply, idempotent).
 async fn install_crds(client: &Client) -> Result<(), AgentError> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(
-            &name,
-            &PatchParams::apply("liqo-agent").force(),
-            &Patch::Apply(&crd),
-        )
+    liqo_core::crds::install(client, &[], "liqo-agent")
         .await
         .map_err(|e| AgentError::Start {
             step: "installing the liqo CRDs",
-            message: format!("{name}: {e}"),
-        })?;
-    }
-    for crd in liqo_core::crds::all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            kube::runtime::wait::await_condition(
-                api.clone(),
-                &name,
-                kube::runtime::wait::conditions::is_crd_established(),
-            ),
-        )
-        .await
-        .map_err(|_| AgentError::Start {
-            step: "installing the liqo CRDs",
-            message: format!("{name} not established within 60s"),
-        })?
-        .map_err(|e| AgentError::Start {
-            step: "installing the liqo CRDs",
-            message: format!("{name}: {e}"),
-        })?;
-    }
-    Ok(())
+            message: e.to_string(),
+        })
 }
 
 /// The API server URL and CA issued credentials point at: the configuration's, else the

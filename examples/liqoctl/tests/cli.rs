@@ -9,14 +9,12 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Namespace, Node, Secret},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
     jiff::Timestamp,
 };
 use kube::{
     Api, Client,
     api::{Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
 };
 use liqo_core::{
     ClusterId, DiscoverySource, NetworkParameters, PublicKey,
@@ -36,8 +34,6 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
-
-const WAIT: Duration = Duration::from_secs(60);
 
 async fn lab() -> &'static Lab {
     liqo_lab::shared(|| LabSpec::new([ClusterSpec::new("a"), ClusterSpec::new("b")]))
@@ -59,22 +55,7 @@ async fn local() -> Result<(&'static Cluster, Client), Box<dyn std::error::Error
 }
 
 async fn install_crds(client: &Client) -> TestResult {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.metadata.name.clone().ok_or("CRD without name")?;
-        crds.patch(
-            &name,
-            &PatchParams::apply("liqoctl-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        tokio::time::timeout(
-            WAIT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await??;
-    }
-    Ok(())
+    Ok(liqo_core::crds::install(client, &[], "liqoctl-test").await?)
 }
 
 struct Run {

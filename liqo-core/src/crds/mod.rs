@@ -12,10 +12,17 @@
 //!
 //! Validation lives in the schemas (enums, patterns, CEL rules), so the API server rejects a bad
 //! object with a message saying which field is wrong. [`all`] lists the definitions and
-//! [`render_yaml`] writes them; the files in `deploy/crds/` are generated from it.
+//! [`render_yaml`] writes them; the files in `deploy/crds/` are generated from it. [`install`]
+//! applies them (plus any of your own) to a cluster and waits until the API server serves them.
+
+use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
+use kube::{
+    Api, Client, CustomResourceExt,
+    api::{Patch, PatchParams},
+    runtime::wait::{await_condition, conditions},
+};
 
 mod foreign_cluster;
 mod network;
@@ -69,6 +76,96 @@ pub fn render_yaml(crd: &CustomResourceDefinition) -> Result<String, serde_yaml_
 /// The file name a CRD is written to in `deploy/crds/` (`<plural>.<group>.yaml`).
 pub fn file_name(crd: &CustomResourceDefinition) -> String {
     format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
+}
+
+/// How long [`install`] waits for each definition to become `Established`.
+pub const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Why [`install`] or [`wait_established`] failed; every variant names the definition.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// A definition to install has no `metadata.name`.
+    #[error("a custom resource definition to install has no metadata.name")]
+    Unnamed,
+    /// The API server refused the server-side apply of a definition.
+    #[error("applying CRD {name}: {source}")]
+    Apply {
+        /// The definition's name (`<plural>.<group>`).
+        name: String,
+        /// What the API server answered.
+        #[source]
+        source: kube::Error,
+    },
+    /// Watching a definition for its `Established` condition failed.
+    #[error("watching CRD {name} for Established: {source}")]
+    Watch {
+        /// The definition's name (`<plural>.<group>`).
+        name: String,
+        /// Why the watch failed.
+        #[source]
+        source: kube::runtime::wait::Error,
+    },
+    /// A definition was not `Established` in time.
+    #[error("CRD {name} was not Established within {timeout:?}")]
+    NotEstablished {
+        /// The definition's name (`<plural>.<group>`).
+        name: String,
+        /// How long was waited.
+        timeout: Duration,
+    },
+}
+
+/// Server-side applies every liqo-rs definition ([`all`]) plus `extra` (definitions of your own,
+/// e.g. for a custom reflector) as `field_manager`, forcing ownership, then waits until each one
+/// is `Established` (at most [`ESTABLISH_TIMEOUT`] each). Idempotent: running it again on a
+/// cluster that has them changes nothing. The client needs `patch`, `get`, `list` and `watch` on
+/// `customresourcedefinitions`.
+pub async fn install(
+    client: &Client,
+    extra: &[CustomResourceDefinition],
+    field_manager: &str,
+) -> Result<(), InstallError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply(field_manager).force();
+    let mut names = Vec::new();
+    for crd in all().iter().chain(extra) {
+        let name = crd.metadata.name.clone().ok_or(InstallError::Unnamed)?;
+        api.patch(&name, &params, &Patch::Apply(crd))
+            .await
+            .map_err(|source| InstallError::Apply {
+                name: name.clone(),
+                source,
+            })?;
+        names.push(name);
+    }
+    for name in names {
+        wait_established(client, &name, ESTABLISH_TIMEOUT).await?;
+    }
+    Ok(())
+}
+
+/// Waits (with a watch) until the definition `name` is `Established`, at most `timeout`; for
+/// definitions applied by other means than [`install`] (e.g. from the YAML in `deploy/crds/`).
+pub async fn wait_established(
+    client: &Client,
+    name: &str,
+    timeout: Duration,
+) -> Result<(), InstallError> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    tokio::time::timeout(
+        timeout,
+        await_condition(api, name, conditions::is_crd_established()),
+    )
+    .await
+    .map_err(|_| InstallError::NotEstablished {
+        name: name.to_owned(),
+        timeout,
+    })?
+    .map_err(|source| InstallError::Watch {
+        name: name.to_owned(),
+        source,
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

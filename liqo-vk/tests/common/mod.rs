@@ -19,11 +19,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams, PostParams},
-    runtime::{
-        WatchStreamExt, reflector,
-        wait::{await_condition, conditions},
-        watcher,
-    },
+    runtime::{WatchStreamExt, reflector, wait::await_condition, watcher},
 };
 use liqo_core::{
     ClusterId, ResourceOffer,
@@ -98,18 +94,7 @@ pub async fn ensure_namespace(
 }
 
 pub async fn install_crds(client: &Client, extra: &[CustomResourceDefinition]) -> TestResult {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all().iter().chain(extra) {
-        apply(&crds, crd).await?;
-        let name = crd.name_any();
-        tokio::time::timeout(
-            WAIT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .map_err(|_| format!("CRD {name} not established"))??;
-    }
-    Ok(())
+    Ok(liqo_core::crds::install(client, extra, "liqo-vk-test").await?)
 }
 
 /// A kubeconfig for `user` on `cluster`, with `namespace` as its default namespace.

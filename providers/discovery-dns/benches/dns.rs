@@ -25,10 +25,8 @@ use hickory_resolver::{
     net::runtime::TokioRuntimeProvider,
     proto::rr::{RData, RecordType},
 };
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams},
+    Api,
     runtime::wait::{await_condition, conditions},
 };
 use liqo_core::crds::ForeignCluster;
@@ -158,20 +156,9 @@ async fn main() {
         .await
         .unwrap();
     let client = lab.cluster("dnsbench").unwrap().client().unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply("liqo-bench").force(),
-            &Patch::Apply(&crd),
-        )
+    liqo_core::crds::install(&client, &[], "liqo-bench")
         .await
         .unwrap();
-        await_condition(crds.clone(), &name, conditions::is_crd_established())
-            .await
-            .unwrap();
-    }
     let mut server = server;
     let discovery = CompositeDiscovery::builder()
         .source(provider.clone())

@@ -25,10 +25,8 @@ use std::{
 };
 
 use common::{Avahi, Link, Proc, in_ns, liqo_mdns};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
-    Api, ResourceExt,
-    api::{Patch, PatchParams},
+    Api,
     runtime::wait::{await_condition, conditions},
 };
 use liqo_core::{DiscoverySource, PeerAdvertisement, crds::ForeignCluster};
@@ -104,20 +102,9 @@ async fn main() {
         .await
         .unwrap();
     let client = lab.cluster("mdnsbench").unwrap().client().unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply("liqo-bench").force(),
-            &Patch::Apply(&crd),
-        )
+    liqo_core::crds::install(&client, &[], "liqo-bench")
         .await
         .unwrap();
-        await_condition(crds.clone(), &name, conditions::is_crd_established())
-            .await
-            .unwrap();
-    }
     let (relay, relay_h) = ChannelDiscovery::new(DiscoverySource::Mdns);
     let discovery = CompositeDiscovery::builder().source(relay).build();
     let stop = tokio_util::sync::CancellationToken::new();

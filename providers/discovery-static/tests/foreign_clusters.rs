@@ -4,11 +4,9 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
 };
 use liqo_core::{
     Discovery, DiscoveryError, DiscoveryEvent, DiscoverySource, DiscoveryStream, PublicKey,
@@ -66,24 +64,9 @@ async fn hand_made_foreign_clusters_are_manual_peers() {
         .await
         .unwrap_or_else(|e| panic!("the lab did not start: {e}"));
     let client = lab.cluster("static").unwrap().client().unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply("liqo-test").force(),
-            &Patch::Apply(&crd),
-        )
+    liqo_core::crds::install(&client, &[], "liqo-test")
         .await
-        .unwrap();
-        timeout(
-            WAIT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    }
+        .unwrap_or_else(|e| panic!("installing the CRDs: {e}"));
     let fcs: Api<ForeignCluster> = Api::all(client.clone());
     let u = format!("{:x}", std::process::id());
     let name = |n: &str| format!("{n}-{u}");

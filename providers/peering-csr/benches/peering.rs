@@ -17,13 +17,12 @@ use std::{sync::Arc, time::Duration, time::Instant};
 use k8s_openapi::{
     ByteString,
     api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
+    runtime::wait::await_condition,
 };
 use liqo_core::{NetworkParameters, PeeringTarget, ResourceOffer};
 use liqo_lab::{Cluster, ClusterSpec, Lab, LabSpec};
@@ -50,22 +49,7 @@ fn config(c: &Cluster) -> Result<ProviderConfig, BoxError> {
 }
 
 async fn install_crds(client: &Client) -> Result<(), BoxError> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.metadata.name.clone().ok_or("CRD without name")?;
-        crds.patch(
-            &name,
-            &PatchParams::apply("liqo-bench").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await??;
-    }
-    Ok(())
+    Ok(liqo_core::crds::install(client, &[], "liqo-bench").await?)
 }
 
 /// The bare CSR round trip: create, approve, signed.

@@ -11,11 +11,9 @@ use std::{sync::Arc, time::Duration};
 
 use common::*;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams},
-    runtime::wait::{Condition, await_condition, conditions},
+    runtime::wait::{Condition, await_condition},
 };
 use liqo_core::{
     ClusterId, NetworkFabric, NetworkParameters, ResourceOffer,
@@ -38,25 +36,6 @@ type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 const WAIT: Duration = Duration::from_secs(90);
 const ECHO_PORT: u16 = 7100;
-
-async fn install_crds(client: &Client) -> TestResult {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.metadata.name.clone().ok_or("CRD without a name")?;
-        crds.patch(
-            &name,
-            &PatchParams::apply("liqo-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        tokio::time::timeout(
-            WAIT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await??;
-    }
-    Ok(())
-}
 
 /// Starts a fabric inside cluster `i`'s gateway namespace.
 async fn fabric(
@@ -146,8 +125,8 @@ async fn controllers_connect_peers_from_peering_state() -> TestResult {
         lab.cluster("net-b").ok_or("net-b")?,
     );
     let (ca, cb) = (la.client()?, lb.client()?);
-    install_crds(&ca).await?;
-    install_crds(&cb).await?;
+    liqo_core::crds::install(&ca, &[], "liqo-test").await?;
+    liqo_core::crds::install(&cb, &[], "liqo-test").await?;
     let options = IdentityOptions::default();
     let id_a = LocalIdentity::load_or_create(&ca, &options)
         .await?

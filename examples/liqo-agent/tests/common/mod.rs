@@ -15,14 +15,12 @@ use k8s_openapi::{
         },
         core::v1::Secret,
     },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, ResourceExt,
     api::{DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
     discovery::Scope,
-    runtime::wait::{await_condition, conditions},
 };
 use liqo_lab::Cluster;
 
@@ -207,28 +205,7 @@ async fn wait_for_guard(sa: &Client) -> Result<(), Error> {
 /// in force; returns a kubeconfig for the agent's ServiceAccount.
 pub async fn install_deploy(cluster: &Cluster) -> Result<PathBuf, Error> {
     let admin = cluster.client()?;
-    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
-    let mut all = liqo_core::crds::all();
-    all.push(liqo_vk::shadow::shadow_pod_crd());
-    for crd in &all {
-        let name = crd.name_any();
-        crds.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(crd),
-        )
-        .await
-        .map_err(|e| format!("installing CRD {name}: {e}"))?;
-    }
-    for crd in &all {
-        let name = crd.name_any();
-        tokio::time::timeout(
-            WAIT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .map_err(|_| format!("CRD {name} not established within {WAIT:?}"))??;
-    }
+    liqo_core::crds::install(&admin, &[liqo_vk::shadow::shadow_pod_crd()], FIELD_MANAGER).await?;
     for file in ["namespace.yaml", "rbac.yaml", "guard.yaml"] {
         for doc in documents(file)? {
             apply_doc(&admin, file, &doc).await?;

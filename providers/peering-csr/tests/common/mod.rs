@@ -3,20 +3,14 @@
 
 use std::{sync::Arc, time::Duration};
 
-use k8s_openapi::{
-    api::{
-        authorization::v1::{
-            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-        },
-        core::v1::{Namespace, Secret},
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
+    core::v1::{Namespace, Secret},
 };
 use kube::{
     Api, Client, ResourceExt,
     api::{DynamicObject, ListParams, Patch, PatchParams, PostParams},
     discovery::{Discovery, verbs},
-    runtime::wait::{await_condition, conditions},
 };
 use liqo_core::{ClusterId, NetworkParameters, ResourceOffer, labels};
 use liqo_lab::{Cluster, ClusterSpec, Lab, LabSpec};
@@ -56,22 +50,7 @@ pub fn cluster<'a>(lab: &'a Lab, name: &str) -> &'a Cluster {
 
 /// Applies the liqo CRDs (idempotent) and waits until they are served.
 pub async fn install_crds(client: &Client) -> TestResult {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in liqo_core::crds::all() {
-        let name = crd.metadata.name.clone().ok_or("CRD without name")?;
-        crds.patch(
-            &name,
-            &PatchParams::apply("liqo-test").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        tokio::time::timeout(
-            WAIT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await??;
-    }
-    Ok(())
+    Ok(liqo_core::crds::install(client, &[], "liqo-test").await?)
 }
 
 pub fn id(s: &str) -> ClusterId {
@@ -176,23 +155,7 @@ pub async fn can(
     resource: &str,
     namespace: &str,
 ) -> BoxResult<bool> {
-    let review = SelfSubjectAccessReview {
-        spec: SelfSubjectAccessReviewSpec {
-            resource_attributes: Some(ResourceAttributes {
-                namespace: Some(namespace.into()),
-                group: Some(group.into()),
-                resource: Some(resource.into()),
-                verb: Some(verb.into()),
-                ..ResourceAttributes::default()
-            }),
-            ..SelfSubjectAccessReviewSpec::default()
-        },
-        ..SelfSubjectAccessReview::default()
-    };
-    let answer = Api::<SelfSubjectAccessReview>::all(client.clone())
-        .create(&PostParams::default(), &review)
-        .await?;
-    Ok(answer.status.is_some_and(|s| s.allowed))
+    can_sub(client, verb, group, resource, "", namespace).await
 }
 
 /// Waits until the authorizer has caught up with an RBAC change made by the test (it learns of
