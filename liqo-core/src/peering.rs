@@ -4,6 +4,7 @@ use std::{fmt, time::SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::{
     ClusterId, ClusterIdentity, KeyFingerprint, NetworkParameters, PeeringError, ResourceOffer,
@@ -48,14 +49,59 @@ pub struct PeeringRequest {
     pub signature: Vec<u8>,
     /// The consumer's network, so the provider can prepare its side of the fabric.
     pub network: NetworkParameters,
+    /// A PEM PKCS#10 certificate signing request (`-----BEGIN CERTIFICATE REQUEST-----`) made by
+    /// the consumer for the client credential it asks for: the private key stays with the
+    /// consumer and the provider returns only the signed certificate. Bound into the signature
+    /// (see [`PeeringRequest::signed_payload`]). `None` for requests that need no credential
+    /// (a release) and for consumers that predate it; whether a provider then refuses the grant
+    /// or makes the key itself is up to the authority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr: Option<String>,
 }
 
+/// Domain tag of requests without a certificate signing request.
+const PAYLOAD_V1: &str = "liqo-peering-v1";
+/// Domain tag of requests carrying a certificate signing request.
+const PAYLOAD_V2: &str = "liqo-peering-v2";
+
 impl PeeringRequest {
-    /// The exact bytes the consumer signs: a domain tag, both cluster ids and the nonce.
-    pub fn signed_payload(consumer: &ClusterId, provider: &ClusterId, nonce: &[u8]) -> Vec<u8> {
-        let mut out = format!("liqo-peering-v1\n{consumer}\n{provider}\n").into_bytes();
+    /// The exact bytes the consumer signs.
+    ///
+    /// Without a CSR: the domain tag `liqo-peering-v1`, both cluster ids and the nonce, each
+    /// line-terminated, the nonce last (unchanged since v1, so such requests verify as before).
+    /// With a CSR: the domain tag `liqo-peering-v2`, both cluster ids, the lowercase hex SHA-256
+    /// of the CSR's bytes, then the nonce. The distinct tags make a signature over one form
+    /// useless for the other: stripping or swapping the CSR breaks the signature.
+    pub fn signed_payload(
+        consumer: &ClusterId,
+        provider: &ClusterId,
+        nonce: &[u8],
+        csr: Option<&str>,
+    ) -> Vec<u8> {
+        let mut out = match csr {
+            None => format!("{PAYLOAD_V1}\n{consumer}\n{provider}\n"),
+            Some(csr) => {
+                let digest: String = Sha256::digest(csr.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                format!("{PAYLOAD_V2}\n{consumer}\n{provider}\n{digest}\n")
+            }
+        }
+        .into_bytes();
         out.extend_from_slice(nonce);
         out
+    }
+
+    /// [`signed_payload`](Self::signed_payload) of this request's own fields: what its
+    /// signature must verify against.
+    pub fn payload(&self) -> Vec<u8> {
+        Self::signed_payload(
+            &self.consumer.id,
+            &self.provider,
+            &self.nonce,
+            self.csr.as_deref(),
+        )
     }
 }
 
@@ -161,10 +207,68 @@ mod tests {
     fn payload_binds_both_ids_and_nonce() {
         let a: ClusterId = "a".parse().unwrap();
         let b: ClusterId = "b".parse().unwrap();
-        let p1 = PeeringRequest::signed_payload(&a, &b, b"n1");
-        assert_ne!(p1, PeeringRequest::signed_payload(&b, &a, b"n1"));
-        assert_ne!(p1, PeeringRequest::signed_payload(&a, &b, b"n2"));
-        assert!(p1.starts_with(b"liqo-peering-v1\n"));
+        let p1 = PeeringRequest::signed_payload(&a, &b, b"n1", None);
+        assert_ne!(p1, PeeringRequest::signed_payload(&b, &a, b"n1", None));
+        assert_ne!(p1, PeeringRequest::signed_payload(&a, &b, b"n2", None));
+        assert_eq!(p1, b"liqo-peering-v1\na\nb\nn1");
+    }
+
+    #[test]
+    fn payload_binds_the_csr() {
+        let a: ClusterId = "a".parse().unwrap();
+        let b: ClusterId = "b".parse().unwrap();
+        let with = PeeringRequest::signed_payload(&a, &b, b"n1", Some("csr-1"));
+        assert!(
+            with.starts_with(b"liqo-peering-v2\na\nb\n"),
+            "versioned tag"
+        );
+        assert!(with.ends_with(b"\nn1"));
+        assert_ne!(
+            with,
+            PeeringRequest::signed_payload(&a, &b, b"n1", Some("csr-2"))
+        );
+        assert_ne!(with, PeeringRequest::signed_payload(&a, &b, b"n1", None));
+        // sha256("csr-1"), lowercase hex, on its own line.
+        let digest: String = Sha256::digest(b"csr-1")
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect();
+        assert_eq!(digest.len(), 64);
+        assert!(
+            with.windows(digest.len() + 2)
+                .any(|w| w == format!("\n{digest}\n").as_bytes())
+        );
+    }
+
+    #[test]
+    fn csr_is_optional_on_the_wire() {
+        let a: ClusterId = "a".parse().unwrap();
+        let mut req = PeeringRequest {
+            consumer: ClusterIdentity {
+                id: a.clone(),
+                name: "a".into(),
+                public_key: None,
+            },
+            provider: "b".parse().unwrap(),
+            nonce: vec![1],
+            signature: vec![2],
+            network: NetworkParameters::new(
+                "10.0.0.0/16".parse().unwrap(),
+                "10.1.0.0/16".parse().unwrap(),
+            ),
+            csr: None,
+        };
+        let json = serde_json::to_value(&req).unwrap();
+        assert!(json.get("csr").is_none(), "absent, not null: {json}");
+        let back: PeeringRequest = serde_json::from_value(json).unwrap();
+        assert_eq!(back, req);
+        req.csr = Some("-----BEGIN CERTIFICATE REQUEST-----".into());
+        let json = serde_json::to_value(&req).unwrap();
+        assert_eq!(json["csr"], "-----BEGIN CERTIFICATE REQUEST-----");
+        assert_eq!(
+            req.payload(),
+            PeeringRequest::signed_payload(&a, &req.provider, &[1], req.csr.as_deref())
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use liqo_core::{
 };
 
 use crate::{
-    credential::{self, secret_labels},
+    credential::{self, ClientKey, secret_labels},
     foreign::{self, ConsumerFields, Side, Stage},
     identity::LocalIdentity,
     names::{
@@ -81,7 +81,13 @@ impl Consumer {
 
     /// Peers with (or renews the credential from) the provider at `target`: checks the
     /// provider's identity against the pinned fingerprint (`target.expected_fingerprint`, else the
-    /// one on its `ForeignCluster`), signs its challenge, and stores the grant.
+    /// one on its `ForeignCluster`), makes a fresh client key here and signs its challenge
+    /// together with the key's certificate signing request, and stores the grant.
+    ///
+    /// The private key never leaves this cluster: the provider answers with a certificate only,
+    /// and the kubeconfig stored here (and returned in the grant) is completed with our key.
+    /// Every call, renewals by the [`RotationController`](crate::RotationController) included,
+    /// makes a new key.
     pub async fn request(&self, target: &PeeringTarget) -> Result<PeeringGrant, PeeringError> {
         let transport = self.connector.connect(target)?;
         let me = self.identity.id();
@@ -89,8 +95,15 @@ impl Consumer {
         self.check_provider(target, &provider).await?;
         let _guard = self.locks.lock(&provider.id).await;
         names::tenant_namespace(&provider.id)?;
-        let request = self.sign(&provider.id, challenge.nonce).await?;
-        let grant = match transport.grant(request).await {
+        let key = ClientKey::generate(&names::consumer_user(me))?;
+        let request = self
+            .sign(
+                &provider.id,
+                challenge.nonce,
+                Some(key.csr_pem().to_owned()),
+            )
+            .await?;
+        let mut grant = match transport.grant(request).await {
             Ok(g) => g,
             Err(e) => {
                 let reason = match &e {
@@ -124,6 +137,8 @@ impl Consumer {
                 ),
             });
         }
+        grant.credential.kubeconfig =
+            credential::complete_kubeconfig(&grant.credential.kubeconfig, &key)?;
         self.store(target, &grant).await?;
         Ok(grant)
     }
@@ -164,22 +179,24 @@ impl Consumer {
         Ok(())
     }
 
+    /// A request for `provider` with `nonce` and, for a grant, our `csr`, signed over all of
+    /// them ([`PeeringRequest::payload`]).
     async fn sign(
         &self,
         provider: &ClusterId,
         nonce: Vec<u8>,
+        csr: Option<String>,
     ) -> Result<PeeringRequest, PeeringError> {
-        let me = self.identity.id();
-        let signature = self
-            .identity
-            .sign(&PeeringRequest::signed_payload(me, provider, &nonce));
-        Ok(PeeringRequest {
+        let mut request = PeeringRequest {
             consumer: self.identity.identity(),
             provider: provider.clone(),
             nonce,
-            signature,
+            signature: vec![],
             network: self.network.parameters().await?,
-        })
+            csr,
+        };
+        request.signature = self.identity.sign(&request.payload());
+        Ok(request)
     }
 
     /// Writes the grant into our cluster, stage by stage on the provider's `ForeignCluster`.
@@ -449,7 +466,7 @@ impl Consumer {
             .challenge(self.identity.id(), Purpose::Release)
             .await?;
         self.check_provider(target, &provider).await?;
-        let request = self.sign(&provider.id, challenge.nonce).await?;
+        let request = self.sign(&provider.id, challenge.nonce, None).await?;
         match transport.release(request).await {
             Err(PeeringError::NotPeered(_)) | Ok(()) => Ok(()),
             Err(e) => Err(e),

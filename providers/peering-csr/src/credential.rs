@@ -19,8 +19,14 @@ use kube::{
     runtime::wait::await_condition,
 };
 use liqo_core::{ClusterId, PeeringError};
-use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData,
+};
 use ring::rand::{SecureRandom, SystemRandom};
+use x509_parser::{
+    certification_request::X509CertificationRequest, extensions::ParsedExtension, oid_registry,
+    prelude::FromDer, public_key::PublicKey,
+};
 
 use crate::names::{self, SIDE_PROVIDER, kube_err};
 
@@ -52,6 +58,9 @@ pub enum CredentialError {
     /// Making the key or the certificate request failed.
     #[error("making the certificate request failed: {0}")]
     Pki(#[from] rcgen::Error),
+    /// A consumer's certificate signing request is not one this provider signs.
+    #[error("certificate signing request refused: {0}")]
+    InvalidCsr(String),
 }
 
 impl From<CredentialError> for PeeringError {
@@ -107,36 +116,168 @@ fn der_to_pem(der: &[u8]) -> String {
     out
 }
 
-/// A client certificate and its key.
+/// A client key pair made by the consumer for one provider, with the certificate signing
+/// request it sends in its [`PeeringRequest`](liqo_core::PeeringRequest). The private key never
+/// leaves the consumer: the provider returns only the certificate, and
+/// [`complete_kubeconfig`] puts the key next to it.
+pub struct ClientKey {
+    key: KeyPair,
+    csr_pem: String,
+}
+
+impl std::fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientKey")
+            .field("key", &"<redacted>")
+            .field("csr_pem", &self.csr_pem)
+            .finish()
+    }
+}
+
+impl ClientKey {
+    /// A fresh ECDSA P-256 key and a CSR for it whose subject is only `CN=<user>` (no
+    /// organization: the provider grants no Kubernetes group), as
+    /// [`check_csr`] expects for user [`names::consumer_user`].
+    pub fn generate(user: &str) -> Result<Self, CredentialError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, user);
+        params.distinguished_name = dn;
+        let csr_pem = params.serialize_request(&key)?.pem()?;
+        Ok(Self { key, csr_pem })
+    }
+
+    /// The PEM PKCS#10 certificate signing request.
+    pub fn csr_pem(&self) -> &str {
+        &self.csr_pem
+    }
+}
+
+/// The key types the API server accepts for client certificates that this provider signs.
+const ACCEPTED_KEYS: &str = "ECDSA P-256, ECDSA P-384 or RSA of at least 2048 bits";
+
+/// Checks a consumer's certificate signing request before it goes to the CSR API: one PEM block
+/// `CERTIFICATE REQUEST`, a valid self-signature (the consumer holds the key), the subject
+/// exactly `CN=<user>` (no `O`, which Kubernetes reads as group membership, nor any other
+/// attribute), no subject alternative names, and a key of an accepted type
+/// (ECDSA P-256/P-384, RSA ≥ 2048 bits). The error says what is wrong.
+pub fn check_csr(csr_pem: &str, user: &str) -> Result<(), CredentialError> {
+    let bad = |m: String| CredentialError::InvalidCsr(m);
+    let (rest, pem) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
+        .map_err(|e| bad(format!("not PEM: {e}")))?;
+    if pem.label != "CERTIFICATE REQUEST" && pem.label != "NEW CERTIFICATE REQUEST" {
+        return Err(bad(format!(
+            "the PEM block is a {:?}, not a \"CERTIFICATE REQUEST\"",
+            pem.label
+        )));
+    }
+    if !rest.iter().all(u8::is_ascii_whitespace) {
+        return Err(bad("more than one PEM block".into()));
+    }
+    let (rest, csr) = X509CertificationRequest::from_der(&pem.contents)
+        .map_err(|e| bad(format!("not a PKCS#10 request: {e}")))?;
+    if !rest.is_empty() {
+        return Err(bad("trailing bytes after the PKCS#10 request".into()));
+    }
+    csr.verify_signature().map_err(|e| {
+        bad(format!(
+            "its signature does not verify with its own key ({e}); the requester must hold the \
+             key, with a key of type {ACCEPTED_KEYS}"
+        ))
+    })?;
+    let info = &csr.certification_request_info;
+    let mut cns = vec![];
+    for attr in info.subject.iter_attributes() {
+        let value = attr
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|_| String::from_utf8_lossy(attr.as_slice()).into_owned());
+        if attr.attr_type() == &oid_registry::OID_X509_COMMON_NAME {
+            cns.push(value);
+        } else {
+            let name = x509_parser::objects::oid2abbrev(
+                attr.attr_type(),
+                x509_parser::objects::oid_registry(),
+            )
+            .map(str::to_owned)
+            .unwrap_or_else(|_| attr.attr_type().to_id_string());
+            let why = if attr.attr_type() == &oid_registry::OID_X509_ORGANIZATION_NAME {
+                format!(" (Kubernetes would make the consumer a member of group {value:?})")
+            } else {
+                String::new()
+            };
+            return Err(bad(format!(
+                "the subject carries {name}={value:?}{why}; this provider issues credentials \
+                 only for the subject CN={user}, with no organization"
+            )));
+        }
+    }
+    match cns.as_slice() {
+        [cn] if cn == user => {}
+        [cn] => {
+            return Err(bad(format!(
+                "the subject CN is {cn:?}, but this consumer's user is {user:?}"
+            )));
+        }
+        [] => return Err(bad(format!("the subject has no CN; it must be {user:?}"))),
+        _ => {
+            return Err(bad(format!(
+                "the subject has {} CNs; it must have one, {user:?}",
+                cns.len()
+            )));
+        }
+    }
+    if let Some(exts) = csr.requested_extensions() {
+        for ext in exts {
+            if let ParsedExtension::SubjectAlternativeName(_) = ext {
+                return Err(bad(
+                    "it requests subject alternative names; a consumer credential has none".into(),
+                ));
+            }
+        }
+    }
+    let spki = &info.subject_pki;
+    let accepted = match spki.parsed() {
+        Ok(PublicKey::EC(_)) => spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .is_some_and(|curve| {
+                curve == oid_registry::OID_EC_P256 || curve == oid_registry::OID_NIST_EC_P384
+            }),
+        Ok(PublicKey::RSA(rsa)) => rsa.key_size() >= 2048,
+        _ => false,
+    };
+    if !accepted {
+        return Err(bad(format!(
+            "its key ({}, {} bits) is not accepted: use {ACCEPTED_KEYS}",
+            spki.algorithm.algorithm.to_id_string(),
+            spki.parsed().map(|k| k.key_size()).unwrap_or(0)
+        )));
+    }
+    Ok(())
+}
+
+/// A client certificate issued for a consumer's key.
 pub(crate) struct IssuedCert {
     pub(crate) cert_pem: String,
-    pub(crate) key_pem: String,
     pub(crate) not_after: SystemTime,
 }
 
-/// Issues a client certificate for `user` through the CSR API: creates the request, approves it
-/// (the provider's policy already accepted the consumer), waits for the signer, and deletes the
-/// request again so nothing lingers.
+/// Issues a client certificate for the consumer's `csr_pem` (checked with [`check_csr`])
+/// through the CSR API: creates the request, approves it (the provider's policy already accepted
+/// the consumer), waits for the signer, and deletes the request again so nothing lingers.
 ///
-/// The key pair is made here, on the provider; it leaves only inside the grant, over the pinned
-/// TLS channel of the peering endpoint (or in-process for the one-command path).
+/// The provider never sees the private key: the consumer made it and keeps it.
 pub(crate) async fn issue(
     client: &Client,
     consumer: &ClusterId,
-    user: &str,
+    csr_pem: &str,
     lifetime: Duration,
     timeout: Duration,
 ) -> Result<IssuedCert, PeeringError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CredentialError::from)?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, user);
-    params.distinguished_name = dn;
-    let csr_pem = params
-        .serialize_request(&key)
-        .and_then(|r| r.pem())
-        .map_err(CredentialError::from)?;
-
     let mut suffix = [0u8; 5];
     SystemRandom::new()
         .fill(&mut suffix)
@@ -156,7 +297,7 @@ pub(crate) async fn issue(
             ..ObjectMeta::default()
         },
         spec: CertificateSigningRequestSpec {
-            request: ByteString(csr_pem.into_bytes()),
+            request: ByteString(csr_pem.as_bytes().to_vec()),
             signer_name: CLIENT_SIGNER.to_owned(),
             usages: Some(vec!["client auth".to_owned()]),
             expiration_seconds: Some(
@@ -181,7 +322,6 @@ pub(crate) async fn issue(
     let not_after = certificate_validity(&cert_pem)?.1;
     Ok(IssuedCert {
         cert_pem,
-        key_pem: key.serialize_pem(),
         not_after,
     })
 }
@@ -267,12 +407,18 @@ pub(crate) struct KubeconfigParts<'a> {
     pub(crate) user: &'a str,
     pub(crate) namespace: &'a str,
     pub(crate) cert_pem: &'a str,
-    pub(crate) key_pem: &'a str,
+    /// The private key (PEM), when the renderer holds it; the provider does not, and the
+    /// consumer adds its own with [`complete_kubeconfig`].
+    pub(crate) key_pem: Option<&'a str>,
 }
 
 /// Renders a kubeconfig whose only context points at the tenant namespace.
 pub(crate) fn render_kubeconfig(p: &KubeconfigParts<'_>) -> Result<String, PeeringError> {
     let context = format!("{}@{}", p.user, p.provider);
+    let mut user = serde_json::json!({"client-certificate-data": B64.encode(p.cert_pem)});
+    if let Some(key) = p.key_pem {
+        user["client-key-data"] = B64.encode(key).into();
+    }
     let doc = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -280,10 +426,7 @@ pub(crate) fn render_kubeconfig(p: &KubeconfigParts<'_>) -> Result<String, Peeri
             "server": p.endpoint.url,
             "certificate-authority-data": B64.encode(&p.endpoint.ca_pem),
         }}],
-        "users": [{"name": p.user, "user": {
-            "client-certificate-data": B64.encode(p.cert_pem),
-            "client-key-data": B64.encode(p.key_pem),
-        }}],
+        "users": [{"name": p.user, "user": user}],
         "contexts": [{"name": context, "context": {
             "cluster": p.provider.as_str(),
             "user": p.user,
@@ -293,6 +436,79 @@ pub(crate) fn render_kubeconfig(p: &KubeconfigParts<'_>) -> Result<String, Peeri
     });
     serde_yaml_ng::to_string(&doc)
         .map_err(|e| CredentialError::InvalidKubeconfig(format!("rendering: {e}")).into())
+}
+
+/// Completes the key-less kubeconfig of a grant with the consumer's own private key, after
+/// checking that its client certificate was issued for that key (a provider that made a key of
+/// its own, or a mixed-up grant, is refused). Replaces any `client-key-data` already there.
+pub fn complete_kubeconfig(kubeconfig: &str, key: &ClientKey) -> Result<String, CredentialError> {
+    let cert_pem = kubeconfig_certificate(kubeconfig)?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| CredentialError::InvalidCertificate(format!("not PEM: {e}")))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| CredentialError::InvalidCertificate(format!("not X.509: {e}")))?;
+    if cert
+        .tbs_certificate
+        .subject_pki
+        .subject_public_key
+        .data
+        .as_ref()
+        != key.key.der_bytes()
+    {
+        return Err(CredentialError::InvalidCertificate(
+            "the granted certificate is not for the key this consumer made; refusing it".into(),
+        ));
+    }
+    let mut doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(kubeconfig)
+        .map_err(|e| CredentialError::InvalidKubeconfig(e.to_string()))?;
+    let user = current_user(&doc)?;
+    let entry = doc
+        .get_mut("users")
+        .and_then(|u| u.as_sequence_mut())
+        .and_then(|users| {
+            users
+                .iter_mut()
+                .find(|u| u.get("name").and_then(|n| n.as_str()) == Some(user.as_str()))
+        })
+        .and_then(|u| u.get_mut("user"))
+        .and_then(|u| u.as_mapping_mut())
+        .ok_or_else(|| CredentialError::InvalidKubeconfig(format!("no user {user}")))?;
+    entry.insert(
+        "client-key-data".into(),
+        B64.encode(key.key.serialize_pem()).into(),
+    );
+    serde_yaml_ng::to_string(&doc)
+        .map_err(|e| CredentialError::InvalidKubeconfig(format!("rendering: {e}")))
+}
+
+fn current_user(doc: &serde_yaml_ng::Value) -> Result<String, CredentialError> {
+    let context = doc
+        .get("current-context")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| CredentialError::InvalidKubeconfig("no current-context".into()))?;
+    doc.get("contexts")
+        .and_then(|c| c.as_sequence())
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("name").and_then(|n| n.as_str()) == Some(context))
+        })
+        .and_then(|c| c.get("context"))
+        .and_then(|c| c.get("user"))
+        .and_then(|u| u.as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| CredentialError::InvalidKubeconfig(format!("context {context} has no user")))
+}
+
+/// Whether a kubeconfig carries a private key (`client-key-data` or `client-key`) for any user.
+pub fn kubeconfig_has_private_key(kubeconfig: &str) -> Result<bool, CredentialError> {
+    let kc = Kubeconfig::from_yaml(kubeconfig)
+        .map_err(|e| CredentialError::InvalidKubeconfig(e.to_string()))?;
+    Ok(kc.auth_infos.iter().any(|a| {
+        a.auth_info
+            .as_ref()
+            .is_some_and(|i| i.client_key_data.is_some() || i.client_key.is_some())
+    }))
 }
 
 /// The client certificate of a kubeconfig's current context, PEM.
@@ -400,7 +616,7 @@ mod tests {
             user: "liqo-consumer-milan",
             namespace: "liqo-tenant-milan",
             cert_pem: &cert,
-            key_pem: &key,
+            key_pem: Some(&key),
         })
         .unwrap();
         assert!(kc.contains("namespace: liqo-tenant-milan"));
@@ -421,13 +637,156 @@ mod tests {
             user: "u",
             namespace: "n",
             cert_pem: &cert,
-            key_pem: &key,
+            key_pem: Some(&key),
         })
         .unwrap();
         let Err(err) = client_from_kubeconfig(&provider, &kc).await else {
             panic!("an expired credential must be refused");
         };
         assert!(err.to_string().contains("expired"), "{err}");
+    }
+
+    fn csr_with(dn: &[(DnType, &str)], alg: &'static rcgen::SignatureAlgorithm) -> String {
+        let key = KeyPair::generate_for(alg).unwrap();
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        for (t, v) in dn {
+            name.push(t.clone(), *v);
+        }
+        params.distinguished_name = name;
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    fn refused(csr: &str, user: &str) -> String {
+        match check_csr(csr, user) {
+            Err(e @ CredentialError::InvalidCsr(_)) => e.to_string(),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn csr_checks() {
+        let user = "liqo-consumer-milan";
+        let good = ClientKey::generate(user).unwrap();
+        check_csr(good.csr_pem(), user).unwrap();
+        check_csr(
+            &csr_with(
+                &[(DnType::CommonName, user)],
+                &rcgen::PKCS_ECDSA_P384_SHA384,
+            ),
+            user,
+        )
+        .unwrap();
+        assert!(
+            !format!("{good:?}").contains("PRIVATE"),
+            "Debug hides the key"
+        );
+
+        let e = refused(good.csr_pem(), "liqo-consumer-rome");
+        assert!(
+            e.contains("CN is \"liqo-consumer-milan\"") && e.contains("liqo-consumer-rome"),
+            "{e}"
+        );
+        let e = refused(
+            &csr_with(
+                &[
+                    (DnType::CommonName, user),
+                    (DnType::OrganizationName, "system:masters"),
+                ],
+                &PKCS_ECDSA_P256_SHA256,
+            ),
+            user,
+        );
+        assert!(
+            e.contains("O=\"system:masters\"") && e.contains("group"),
+            "{e}"
+        );
+        let e = refused(
+            &csr_with(&[(DnType::OrganizationName, "x")], &PKCS_ECDSA_P256_SHA256),
+            user,
+        );
+        assert!(e.contains("O=\"x\""), "{e}");
+        let e = refused(&csr_with(&[], &PKCS_ECDSA_P256_SHA256), user);
+        assert!(e.contains("no CN"), "{e}");
+        let e = refused(
+            &csr_with(&[(DnType::CommonName, user)], &rcgen::PKCS_ED25519),
+            user,
+        );
+        assert!(
+            e.contains("not accepted") || e.contains("ECDSA P-256"),
+            "{e}"
+        );
+
+        // Alternative names.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(vec!["evil.example".into()]).unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, user);
+        params.distinguished_name = dn;
+        let sans = params.serialize_request(&key).unwrap().pem().unwrap();
+        assert!(refused(&sans, user).contains("alternative names"));
+
+        // Not a CSR, or tampered with after signing.
+        assert!(refused("hello", user).contains("not PEM"));
+        let (cert, _) = self_signed(1);
+        assert!(refused(&cert, user).contains("not a \"CERTIFICATE REQUEST\""));
+        let twice = format!("{}{}", good.csr_pem(), good.csr_pem());
+        assert!(refused(&twice, user).contains("more than one"));
+        let (_, pem) = x509_parser::pem::parse_x509_pem(good.csr_pem().as_bytes()).unwrap();
+        let mut der = pem.contents.clone();
+        let at = der
+            .windows(user.len())
+            .position(|w| w == user.as_bytes())
+            .unwrap();
+        der[at + user.len() - 1] = b'x'; // CN "liqo-consumer-milax", signature now stale
+        let tampered = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            B64.encode(&der)
+        );
+        assert!(
+            refused(&tampered, "liqo-consumer-milax").contains("signature does not verify"),
+            "{}",
+            refused(&tampered, "liqo-consumer-milax")
+        );
+    }
+
+    #[test]
+    fn kubeconfig_is_completed_with_our_key_only() {
+        let provider: ClusterId = "rome".parse().unwrap();
+        let user = "liqo-consumer-milan";
+        let ours = ClientKey::generate(user).unwrap();
+        // A certificate for our key (self-signed here, by the CA in production).
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, user);
+        params.distinguished_name = dn;
+        let cert = params.self_signed(&ours.key).unwrap().pem();
+        let endpoint = ApiEndpoint::new("https://127.0.0.1:6443", cert.clone());
+        let keyless = render_kubeconfig(&KubeconfigParts {
+            provider: &provider,
+            endpoint: &endpoint,
+            user,
+            namespace: "liqo-tenant-milan",
+            cert_pem: &cert,
+            key_pem: None,
+        })
+        .unwrap();
+        assert!(!kubeconfig_has_private_key(&keyless).unwrap());
+        let full = complete_kubeconfig(&keyless, &ours).unwrap();
+        assert!(kubeconfig_has_private_key(&full).unwrap());
+        assert_eq!(kubeconfig_certificate(&full).unwrap(), cert);
+        let kc = Kubeconfig::from_yaml(&full).unwrap();
+        assert_eq!(
+            kc.current_context.as_deref(),
+            Some("liqo-consumer-milan@rome")
+        );
+
+        // A certificate for another key is refused.
+        let other = ClientKey::generate(user).unwrap();
+        let Err(e) = complete_kubeconfig(&keyless, &other) else {
+            panic!("a certificate for another key must be refused");
+        };
+        assert!(e.to_string().contains("not for the key"), "{e}");
     }
 
     #[test]

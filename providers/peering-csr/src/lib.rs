@@ -14,20 +14,27 @@
 //! 1. The consumer asks for a challenge; the provider answers with its identity and a 32-byte
 //!    nonce, single use, bound to that consumer id and to a purpose (grant or release), valid for
 //!    a minute.
-//! 2. The consumer checks the provider's identity (id as targeted, key as pinned), signs
+//! 2. The consumer checks the provider's identity (id as targeted, key as pinned), makes a fresh
+//!    client key pair and a certificate signing request for it (subject `CN=liqo-consumer-<consumer>`,
+//!    nothing else; [`ClientKey`]), signs
 //!    [`PeeringRequest::signed_payload`](liqo_core::PeeringRequest::signed_payload) (consumer id,
-//!    provider id, nonce) and sends the request.
+//!    provider id, SHA-256 of the CSR, nonce) and sends the request with the CSR. The private key
+//!    never leaves the consumer.
 //! 3. The provider burns the nonce, checks addressee, signature and the key pinned for the consumer
 //!    (by discovery on its `ForeignCluster`, or by an earlier grant on its tenant namespace), then
 //!    its [`PeeringPolicy`]: accept all, an allow list, or manual approval.
 //! 4. It makes the tenant: namespace `liqo-tenant-<consumer>` (labelled
 //!    `liqo.io/tenant-namespace=<consumer>`), a `ResourceOffer` named after the provider, the
 //!    quota, a Role and RoleBinding for user `liqo-consumer-<consumer>`, and a client certificate
-//!    for that user through a `CertificateSigningRequest` (signer
-//!    `kubernetes.io/kube-apiserver-client`, approved by the provider's policy, deleted once
-//!    signed). It answers with a kubeconfig (default namespace: the tenant), the offer and its
-//!    network parameters.
-//! 5. The consumer stores, in namespace `liqo-tenant-<provider>` of its own cluster, the Secret
+//!    for that user: it checks the consumer's CSR ([`credential::check_csr`]: exactly that CN, no
+//!    organization, no alternative names, an ECDSA P-256/P-384 or RSA ≥ 2048 key, a valid
+//!    self-signature) before making anything and submits it as a `CertificateSigningRequest`
+//!    (signer `kubernetes.io/kube-apiserver-client`, approved by the provider's policy, deleted
+//!    once signed). It answers with a kubeconfig holding the certificate but no key (default
+//!    namespace: the tenant), the offer and its network parameters. A request without a CSR is
+//!    refused (this provider never makes consumers' keys).
+//! 5. The consumer checks that the certificate is for its key, adds the key to the kubeconfig
+//!    ([`credential::complete_kubeconfig`]) and stores, in namespace `liqo-tenant-<provider>` of its own cluster, the Secret
 //!    `liqo-kubeconfig-<provider>` (key `kubeconfig`), a `ResourceOffer` and a `VirtualNode` named
 //!    after the provider, whose `kubeconfigSecretRef` points at the Secret (liqo-vk makes the Node).
 //!
@@ -113,7 +120,7 @@ mod transport;
 pub use authority::{AdminPeering, CsrAuthority, peer, unpeer};
 pub use consumer::Consumer;
 pub use controller::PeeringController;
-pub use credential::{ApiEndpoint, CredentialError, client_from_kubeconfig};
+pub use credential::{ApiEndpoint, ClientKey, CredentialError, client_from_kubeconfig};
 pub use https::{HttpsTransport, PeeringServer, ServerError};
 pub use identity::{
     IDENTITY_NAMESPACE, IDENTITY_SECRET, IdentityError, IdentityOptions, LocalIdentity,

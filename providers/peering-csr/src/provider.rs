@@ -184,8 +184,7 @@ impl Provider {
             .public_key
             .as_ref()
             .ok_or_else(|| reject("the request carries no public key".into()))?;
-        let payload = PeeringRequest::signed_payload(consumer, &request.provider, &request.nonce);
-        if !verify_signature(key, &payload, &request.signature) {
+        if !verify_signature(key, &request.payload(), &request.signature) {
             return Err(reject(
                 "the signature does not verify with the presented key (forged or corrupted)".into(),
             ));
@@ -238,14 +237,23 @@ impl Provider {
     /// tenant: namespace, offer, quota, RBAC and a fresh credential. A refusal creates nothing
     /// (except, under [`PeeringPolicy::Manual`], the pending `ForeignCluster` an administrator
     /// approves); a failure while building a new tenant removes what was made.
+    ///
+    /// The credential is a certificate for the consumer's own key: the request must carry the
+    /// consumer's certificate signing request ([`PeeringRequest::csr`], bound into its
+    /// signature), whose subject must be exactly `CN=liqo-consumer-<consumer>` (see
+    /// [`credential::check_csr`]). The grant's kubeconfig holds that certificate and no private
+    /// key. A request without a CSR (a consumer predating it, which expected the provider to
+    /// make its key) is refused: this provider never makes or sends consumers' private keys.
     pub async fn grant(&self, request: PeeringRequest) -> Result<PeeringGrant, PeeringError> {
         let fingerprint = self.authenticate(&request, Purpose::Grant).await?;
         let consumer = request.consumer.id.clone();
+        // Before anything is made: a bad request leaves nothing behind.
+        let csr = self.checked_csr(&request)?;
         let _guard = self.locks.lock(&consumer).await;
         let existing = self.tenant(&consumer).await?;
         self.admit(&request, &fingerprint, existing.is_some())
             .await?;
-        match self.build(&request, &fingerprint).await {
+        match self.build(&request, &fingerprint, csr).await {
             Ok(grant) => Ok(grant),
             Err(e) => {
                 if existing.is_none() {
@@ -257,6 +265,29 @@ impl Provider {
                 Err(e)
             }
         }
+    }
+
+    /// The request's certificate signing request, refused when absent or not for the consumer's
+    /// user.
+    fn checked_csr<'r>(&self, request: &'r PeeringRequest) -> Result<&'r str, PeeringError> {
+        let consumer = &request.consumer.id;
+        let csr = request
+            .csr
+            .as_deref()
+            .ok_or_else(|| PeeringError::Refused {
+                cluster: consumer.clone(),
+                reason: "the request carries no certificate signing request (csr): this provider \
+                     issues credentials only for keys the consumer made itself; upgrade the \
+                     consumer"
+                    .into(),
+            })?;
+        credential::check_csr(csr, &names::consumer_user(consumer)).map_err(|e| {
+            PeeringError::Refused {
+                cluster: consumer.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(csr)
     }
 
     async fn admit(
@@ -388,6 +419,7 @@ impl Provider {
         &self,
         request: &PeeringRequest,
         fingerprint: &KeyFingerprint,
+        csr: &str,
     ) -> Result<PeeringGrant, PeeringError> {
         let consumer = &request.consumer.id;
         let me = self.identity.id();
@@ -487,11 +519,11 @@ impl Provider {
             )))?;
         self.wait_authorized(&user, &tenant).await?;
 
-        // 5. The credential.
+        // 5. The credential: a certificate for the consumer's key, the kubeconfig without a key.
         let cert = credential::issue(
             &self.client,
             consumer,
-            &user,
+            csr,
             self.config.credential_lifetime,
             self.config.api_timeout,
         )
@@ -502,7 +534,7 @@ impl Provider {
             user: &user,
             namespace: &tenant,
             cert_pem: &cert.cert_pem,
-            key_pem: &cert.key_pem,
+            key_pem: None,
         })?;
         let network = self.config.network.parameters().await?;
 

@@ -3,7 +3,9 @@
 //! [`RotationController`] watches the consumer's kubeconfig Secrets and, once a fraction of a
 //! certificate's lifetime has elapsed (two thirds by default), peers again with the provider (a
 //! fresh signed challenge; the provider keeps the tenant, offer and RBAC and issues a new
-//! certificate) and updates the Secret **in place**. The old certificate stays valid until its own
+//! certificate) and updates the Secret **in place**. Each renewal makes a **new key pair** on the
+//! consumer (see [`Consumer::request`]): the old key is never reused and, like every key, never
+//! leaves the consumer. The old certificate stays valid until its own
 //! expiry, so clients and watches opened with it keep working while readers pick up the new one.
 
 use std::{future::Future, sync::Arc, time::SystemTime};

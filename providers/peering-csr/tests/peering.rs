@@ -35,8 +35,8 @@ use liqo_core::{
     },
 };
 use liqo_peering_csr::{
-    AdminPeering, HttpsConnector, IN_PROCESS_ENDPOINT, InProcessConnector, LocalIdentity,
-    PeeringPolicy, PeeringServer, Purpose, QuotaController, RotationController,
+    AdminPeering, ClientKey, HttpsConnector, IN_PROCESS_ENDPOINT, InProcessConnector,
+    LocalIdentity, PeeringPolicy, PeeringServer, Purpose, QuotaController, RotationController,
     client_from_kubeconfig, credential, names,
 };
 use tokio_util::sync::CancellationToken;
@@ -449,11 +449,15 @@ async fn bad_handshakes_are_rejected_and_create_nothing() -> TestResult {
 
     let legit_key = LocalIdentity::generate(id("rej-cons"), "legit")?; // stands in for a thief's key
     let consumer_identity = legit.identity().clone();
+    // Every grant request carries the consumer's CSR, bound into the signature.
+    let key = ClientKey::generate(&names::consumer_user(&id("rej-cons")))?;
+    let csr = key.csr_pem().to_owned();
     let sign = |who: &LocalIdentity, consumer: &str, provider: &str, nonce: &[u8]| {
         who.sign(&PeeringRequest::signed_payload(
             &id(consumer),
             &id(provider),
             nonce,
+            Some(&csr),
         ))
     };
     let request = |nonce: Vec<u8>,
@@ -465,6 +469,7 @@ async fn bad_handshakes_are_rejected_and_create_nothing() -> TestResult {
         nonce,
         signature,
         network: network(a),
+        csr: Some(csr.clone()),
     };
     let expect = |r: Result<liqo_core::PeeringGrant, PeeringError>, want: &str, case: &str| match r
     {
@@ -502,10 +507,88 @@ async fn bad_handshakes_are_rejected_and_create_nothing() -> TestResult {
         "rej-prov",
         consumer_identity.identity(),
     );
-    p.grant(valid.clone()).await?;
+    let grant = p.grant(valid.clone()).await?;
+    // The provider never sends a private key: only the certificate for the consumer's key.
+    let wire = serde_json::to_string(&grant)?;
+    assert!(
+        !wire.contains("PRIVATE KEY"),
+        "the grant carries a private key"
+    );
+    assert!(!credential::kubeconfig_has_private_key(
+        &grant.credential.kubeconfig
+    )?);
+    // Completed with the consumer's key, the credential reads its offer.
+    let kubeconfig = credential::complete_kubeconfig(&grant.credential.kubeconfig, &key)?;
+    let tenant_client = client_from_kubeconfig(&id("rej-prov"), &kubeconfig).await?;
+    Api::<ResourceOffer>::namespaced(tenant_client, "liqo-tenant-rej-cons")
+        .get("rej-prov")
+        .await?;
     // The renewal changed resource versions: compare against the state after it.
     let before = snapshot().await?;
     expect(p.grant(valid).await, "already used", "replayed nonce");
+
+    // The signature covers the CSR: another CSR under the same signature does not verify.
+    let n = p.challenge(&id("rej-cons"), Purpose::Grant)?.nonce;
+    let mut swapped = request(
+        n.clone(),
+        sign(&consumer_identity, "rej-cons", "rej-prov", &n),
+        "rej-prov",
+        consumer_identity.identity(),
+    );
+    swapped.csr = Some(
+        ClientKey::generate(&names::consumer_user(&id("rej-cons")))?
+            .csr_pem()
+            .to_owned(),
+    );
+    expect(
+        p.grant(swapped).await,
+        "signature does not verify",
+        "CSR swapped after signing",
+    );
+
+    // Refusals of the CSR itself, from a consumer never seen before: nothing is made for it.
+    let newcomer = LocalIdentity::generate(id("rej-csr"), "rej-csr")?;
+    let refused = |r: Result<liqo_core::PeeringGrant, PeeringError>, want: &str, case: &str| match r
+    {
+        Err(PeeringError::Refused { reason, .. }) => assert!(
+            reason.contains(want),
+            "{case}: reason {reason:?} lacks {want:?}"
+        ),
+        other => panic!("{case}: expected Refused, got {other:?}"),
+    };
+    let signed = |nonce: Vec<u8>, csr: Option<String>| {
+        let mut r = PeeringRequest {
+            consumer: newcomer.identity(),
+            provider: id("rej-prov"),
+            nonce,
+            signature: vec![],
+            network: network(a),
+            csr,
+        };
+        r.signature = newcomer.sign(&r.payload());
+        r
+    };
+    // A CSR for another user (here: the user of the already peered consumer).
+    let n = p.challenge(&id("rej-csr"), Purpose::Grant)?.nonce;
+    refused(
+        p.grant(signed(n, Some(csr.clone()))).await,
+        "CN is \"liqo-consumer-rej-cons\", but this consumer's user is \"liqo-consumer-rej-csr\"",
+        "CSR with the wrong CN",
+    );
+    // No CSR at all (a consumer expecting the provider to make its key): refused.
+    let n = p.challenge(&id("rej-csr"), Purpose::Grant)?.nonce;
+    refused(
+        p.grant(signed(n, None)).await,
+        "no certificate signing request",
+        "no CSR",
+    );
+    assert!(
+        Api::<Namespace>::all(admin.clone())
+            .get_opt("liqo-tenant-rej-csr")
+            .await?
+            .is_none(),
+        "a refused CSR left a tenant"
+    );
 
     // Wrong cluster ids: addressed to another provider; another key claiming a peered id; a
     // nonce issued to someone else.
@@ -994,6 +1077,7 @@ async fn https_endpoint_pins_keys_and_applies_policies() -> TestResult {
         nonce: ch.nonce,
         signature: vec![0; 64],
         network: network(a),
+        csr: None,
     };
     match transport.grant(forged).await {
         Err(PeeringError::Unauthenticated { reason, .. }) => {
@@ -1216,10 +1300,19 @@ async fn rotation_renews_in_place_without_breaking_clients() -> TestResult {
     rotation.await?;
 
     let new_kubeconfig = stored_kubeconfig(&admin_a, "rot-prov").await?;
+    let new_cert = credential::kubeconfig_certificate(&new_kubeconfig)?;
+    assert_ne!(new_cert, old_cert);
+    // Each renewal makes a new key on the consumer; the provider sends no key.
+    let spki = |pem: &str| -> BoxResult<Vec<u8>> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())?;
+        Ok(pem.parse_x509()?.tbs_certificate.subject_pki.raw.to_vec())
+    };
     assert_ne!(
-        credential::kubeconfig_certificate(&new_kubeconfig)?,
-        old_cert
+        spki(&new_cert)?,
+        spki(&old_cert)?,
+        "the renewal reused the key"
     );
+    assert!(credential::kubeconfig_has_private_key(&new_kubeconfig)?);
     let new = client_from_kubeconfig(&id("rot-prov"), &new_kubeconfig).await?;
     Api::<RemoteNamespace>::namespaced(new, tenant)
         .list(&ListParams::default())
