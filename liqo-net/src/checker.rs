@@ -116,18 +116,19 @@ pub trait LinkSource: Send + Sync + 'static {
 }
 
 /// Reads the links of a [`LinkSource`] every interval and publishes them on a watch channel
-/// (only when a state or handshake changed). Stops when dropped.
+/// (only when a state, a handshake or the byte counters changed: at most once an interval while
+/// traffic flows, so `Tunnel` status and metrics show live counters). Stops when dropped.
 #[derive(Debug)]
 pub struct LinkChecker {
     rx: watch::Receiver<BTreeMap<ClusterId, LinkStatus>>,
     task: JoinHandle<()>,
 }
 
-fn summary(
-    m: &BTreeMap<ClusterId, LinkStatus>,
-) -> Vec<(&ClusterId, LinkState, Option<SystemTime>)> {
+type Summary<'a> = Vec<(&'a ClusterId, LinkState, Option<SystemTime>, u64, u64)>;
+
+fn summary(m: &BTreeMap<ClusterId, LinkStatus>) -> Summary<'_> {
     m.iter()
-        .map(|(c, s)| (c, s.state, s.latest_handshake))
+        .map(|(c, s)| (c, s.state, s.latest_handshake, s.rx_bytes, s.tx_bytes))
         .collect()
 }
 
@@ -221,10 +222,12 @@ mod tests {
             let mut n = self.0.lock().unwrap();
             *n += 1;
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+            // Reads 1-2: no handshake; 3: handshake; 4 and later: traffic.
             let latest = (*n >= 3).then_some(now);
+            let rx = if *n >= 4 { 100 } else { 0 };
             Ok([(
                 "rome".parse().unwrap(),
-                link_status(latest, u64::from(*n), 0, now, Duration::from_secs(180)),
+                link_status(latest, rx, 0, now, Duration::from_secs(180)),
             )]
             .into())
         }
@@ -239,10 +242,16 @@ mod tests {
             rx.borrow_and_update()[&"rome".parse::<ClusterId>().unwrap()].state,
             LinkState::Connecting
         );
-        // The second read (same state, more bytes) is not a change; the third (handshake) is.
+        // The second read (nothing new) is not a change; the third (handshake) is, and so is
+        // the fourth (bytes moved); the fifth (same again) is not.
+        let rome: ClusterId = "rome".parse().unwrap();
         rx.changed().await.unwrap();
-        let s = rx.borrow_and_update()[&"rome".parse::<ClusterId>().unwrap()].clone();
-        assert_eq!(s.state, LinkState::Connected);
-        assert_eq!(s.rx_bytes, 3);
+        let s = rx.borrow_and_update()[&rome].clone();
+        assert_eq!((s.state, s.rx_bytes), (LinkState::Connected, 0));
+        rx.changed().await.unwrap();
+        let s = rx.borrow_and_update()[&rome].clone();
+        assert_eq!((s.state, s.rx_bytes), (LinkState::Connected, 100));
+        let quiet = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
+        assert!(quiet.is_err(), "unchanged reads publish nothing");
     }
 }

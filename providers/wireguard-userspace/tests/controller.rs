@@ -284,6 +284,15 @@ async fn scenario(
             .map_err(|_| format!("Tunnel {peer}: no handshake reported"))??;
     }
 
+    // The provider's counters before the pods talk.
+    let tunnel_b: Api<Tunnel> = Api::namespaced(cb.clone(), &names::tenant_namespace(id_a));
+    let before = tunnel_b
+        .get(id_a.as_str())
+        .await?
+        .status
+        .map(|s| (s.rx_bytes, s.tx_bytes))
+        .unwrap_or_default();
+
     // Pods: a's pod reaches b's pod at b's remapped address; b sees a's remapped source.
     let pa = t.clusters[a].pods[0].ns.clone();
     let (ip_a, ip_b) = (t.clusters[a].pods[0].ip, t.clusters[b].pods[0].ip);
@@ -304,6 +313,26 @@ async fn scenario(
         seen(&link_ba, ip_a).to_string(),
         "the provider's pod sees the consumer's pod at its remapped address"
     );
+
+    // The Tunnel's counters follow the traffic (the ping and the TCP exchange went through),
+    // within a few link-check intervals.
+    let counted = |t: Option<&Tunnel>| {
+        t.and_then(|t| t.status.as_ref())
+            .is_some_and(|s| s.rx_bytes > before.0 && s.tx_bytes > before.1)
+    };
+    if tokio::time::timeout(
+        WAIT,
+        await_condition(tunnel_b.clone(), id_a.as_str(), counted),
+    )
+    .await
+    .is_err()
+    {
+        let now = tunnel_b.get(id_a.as_str()).await?.status;
+        return Err(format!(
+            "the provider's Tunnel does not count the pods' traffic: before {before:?}, now {now:?}"
+        )
+        .into());
+    }
 
     // Unpeer: both controllers disconnect and drop their finalizers.
     liqo_peering_csr::unpeer(ca, cb, provider_config(), consumer_network).await?;
