@@ -180,6 +180,9 @@ fn error_policy(sp: Arc<ShadowPod>, e: &VkError, _: Arc<Ctx>) -> Action {
     Action::requeue(Duration::from_millis(500))
 }
 
+/// How often an up-to-date ShadowPod is checked again without an event.
+const RESYNC: Duration = Duration::from_secs(20);
+
 async fn reconcile(sp: Arc<ShadowPod>, ctx: Arc<Ctx>) -> Result<Action, VkError> {
     if sp.metadata.deletion_timestamp.is_some() {
         // Its pod goes with it (owner reference) or was deleted by the consumer with its grace.
@@ -203,8 +206,11 @@ async fn reconcile(sp: Arc<ShadowPod>, ctx: Arc<Ctx>) -> Result<Action, VkError>
         // Being deleted (by someone else, or evicted): recreated once gone (the pod's deletion
         // triggers us through the watch).
         Some(p) if p.metadata.deletion_timestamp.is_some() => Ok(Action::await_change()),
+        // Up to date. Look again in a while even without an event: the pod store is fed by
+        // another watch than the one that triggers us, and a deletion it has not seen yet
+        // would otherwise leave the pod lost for good (a store lookup, no API call).
         Some(p) if p.annotations().get(names::REFLECTION_HASH) == want.as_ref() => {
-            Ok(Action::await_change())
+            Ok(Action::requeue(RESYNC))
         }
         Some(_) => {
             // Only labels, annotations and images can change on a running pod.
