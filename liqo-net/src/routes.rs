@@ -11,7 +11,7 @@ use futures::TryStreamExt;
 use liqo_core::{Cidr, FabricError};
 use netlink_packet_route::{
     link::LinkAttribute,
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope},
     rule::{RuleAction, RuleAttribute, RuleMessage},
 };
 use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
@@ -122,9 +122,13 @@ fn route_message(
         .map_err(|e| FabricError::InvalidConfig(format!("route to {dst}: {e}")))?
         .table_id(cfg.table)
         .protocol(RouteProtocol::Other(cfg.protocol));
-    if let Some(i) = ifindex {
-        b = b.output_interface(i);
-    }
+    b = match ifindex {
+        // A device route without a gateway reaches its destination directly: link scope, as
+        // `ip route add <dst> dev <if>` makes it.
+        Some(i) => b.output_interface(i).scope(RouteScope::Link),
+        // Deleting: match our route whatever its scope (`ip route del` does the same).
+        None => b.scope(RouteScope::NoWhere),
+    };
     Ok(b.build())
 }
 
