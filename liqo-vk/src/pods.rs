@@ -15,7 +15,6 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use k8s_openapi::{
     api::core::v1::{Pod, PodSpec, PodStatus, PodTemplateSpec, SecretVolumeSource, Volume},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -37,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     names::{self, FIELD_MANAGER},
-    queue::{Requeue, WorkQueue},
+    queue::{self, Requeue, WorkQueue},
     reflection::{EngineConfig, digest},
     shadow::{ShadowPod, ShadowPodSpec},
 };
@@ -518,20 +517,16 @@ impl ResourceReflector for PodReflector {
             remote_pod_api: remote_pod_api.clone(),
         });
 
-        let everything = {
-            let (q, l, r) = (queue.clone(), local.clone(), shadows.clone());
-            move || {
-                for p in l.state() {
-                    q.add(p.name_any());
-                }
-                for rs in r.state() {
-                    q.add(rs.name_any());
-                }
+        // After any re-list, look at every pod and ShadowPod again.
+        let everything = || {
+            for p in local.state() {
+                queue.add(p.name_any());
+            }
+            for rs in shadows.state() {
+                queue.add(rs.name_any());
             }
         };
-        let q = queue.clone();
-        let all = everything.clone();
-        let local_events = reflector::reflector(
+        let local_events = queue::feed(
             local_w,
             watcher(
                 local_api,
@@ -539,93 +534,45 @@ impl ResourceReflector for PodReflector {
             )
             .default_backoff()
             .modify(strip),
-        )
-        .for_each(move |ev| {
-            match ev {
-                Ok(
-                    watcher::Event::Apply(p)
-                    | watcher::Event::Delete(p)
-                    | watcher::Event::InitApply(p),
-                ) => q.add(p.name_any()),
-                Ok(watcher::Event::InitDone) => all(),
-                Ok(watcher::Event::Init) => {}
-                Err(e) => tracing::warn!(error = %e, "local pod watch failed; retrying"),
-            }
-            futures::future::ready(())
-        });
-        let q = queue.clone();
-        let all = everything.clone();
-        let shadow_events = reflector::reflector(
+            "local pods",
+            &queue,
+            |p: &Pod| Some(p.name_any()),
+            everything,
+        );
+        let shadow_events = queue::feed(
             shadow_w,
             watcher(shadow_api, watcher::Config::default().labels(&selector))
                 .default_backoff()
                 .modify(strip),
-        )
-        .for_each(move |ev| {
-            match ev {
-                Ok(
-                    watcher::Event::Apply(r)
-                    | watcher::Event::Delete(r)
-                    | watcher::Event::InitApply(r),
-                ) => q.add(r.name_any()),
-                Ok(watcher::Event::InitDone) => all(),
-                Ok(watcher::Event::Init) => {}
-                Err(e) => tracing::warn!(error = %e, "ShadowPod watch failed; retrying"),
-            }
-            futures::future::ready(())
-        });
-        let q = queue.clone();
-        let all = everything;
-        let pod_events = reflector::reflector(
+            "ShadowPods",
+            &queue,
+            |r: &ShadowPod| Some(r.name_any()),
+            everything,
+        );
+        let pod_events = queue::feed(
             rp_w,
             watcher(remote_pod_api, watcher::Config::default().labels(&selector))
                 .default_backoff()
                 .modify(strip),
-        )
-        .for_each(move |ev| {
-            match ev {
-                Ok(
-                    watcher::Event::Apply(p)
-                    | watcher::Event::Delete(p)
-                    | watcher::Event::InitApply(p),
-                ) => {
-                    if let Some(k) = p.annotations().get(names::ORIGIN_POD) {
-                        q.add(k.clone());
-                    }
-                }
-                Ok(watcher::Event::InitDone) => all(),
-                Ok(watcher::Event::Init) => {}
-                Err(e) => tracing::warn!(error = %e, "remote pod watch failed; retrying"),
-            }
-            futures::future::ready(())
-        });
-        let workers = {
-            let cancel = shutdown.clone();
-            let n = self.config.workers;
-            async move {
-                let ready = async {
-                    local.wait_until_ready().await?;
-                    shadows.wait_until_ready().await?;
-                    remote_pods.wait_until_ready().await
-                };
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    r = ready => if r.is_err() { return },
-                }
-                queue
-                    .run(n, cancel, move |key| {
-                        let sides = sides.clone();
-                        async move {
-                            let r = sides.reconcile(key).await;
-                            if let Err(e) = &r {
-                                tracing::warn!(error = %e, "pod offloading failed; will retry");
-                            }
-                            r
-                        }
-                    })
-                    .await;
-            }
+            "remote pods",
+            &queue,
+            |p: &Pod| p.annotations().get(names::ORIGIN_POD).cloned(),
+            everything,
+        );
+        let ready = async {
+            local.wait_until_ready().await?;
+            shadows.wait_until_ready().await?;
+            remote_pods.wait_until_ready().await
         };
+        let workers = queue.clone().run_when_ready(
+            ready,
+            self.config.workers,
+            shutdown.clone(),
+            move |key| {
+                let sides = sides.clone();
+                async move { sides.reconcile(key).await }
+            },
+        );
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = local_events => {}

@@ -15,6 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::StreamExt;
+use kube::runtime::{reflector, watcher};
 use tokio::sync::{Mutex as AsyncMutex, mpsc};
 use tokio_util::sync::CancellationToken;
 use tower::{
@@ -221,7 +223,8 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
                             None
                         }
                         Err(e) => {
-                            tracing::debug!(error = %e, "reconcile failed; retrying with backoff");
+                            let label = this.label.get().map_or("", |(l, _)| l.as_str());
+                            tracing::warn!(queue = label, error = %e, "reconcile failed; will retry with backoff");
                             let mut s = lock(&this.state);
                             let sleep = match s.failures.get_mut(&key) {
                                 Some(b) => b.next_backoff(),
@@ -250,6 +253,65 @@ impl<K: Clone + Eq + Hash + Send + Sync + 'static> WorkQueue<K> {
         });
         futures::future::join_all(workers).await;
     }
+
+    /// [`run`](Self::run), once `ready` resolves (e.g. every store listed: deciding that an
+    /// object is orphaned needs every side known); returns at once if `ready` fails or `cancel`
+    /// fires first.
+    pub async fn run_when_ready<R, RE, F, Fut, E>(
+        self: Arc<Self>,
+        ready: R,
+        workers: usize,
+        cancel: CancellationToken,
+        reconcile: F,
+    ) where
+        R: Future<Output = Result<(), RE>>,
+        F: Fn(K) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Requeue, E>> + Send,
+        E: std::fmt::Display,
+    {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            r = ready => if r.is_err() { return },
+        }
+        self.run(workers, cancel, reconcile).await;
+    }
+}
+
+/// Mirrors a watch into `writer`'s store and enqueues, for every object that changed, the key
+/// `key_of` names (if any); after each (re-)list `resync` runs, since a re-list can hide
+/// deletions. `what` names the watch in logs. Runs as long as the stream (watchers retry
+/// with backoff, so: until dropped). One function for every watch of every reflection loop.
+pub(crate) async fn feed<K, S>(
+    writer: reflector::store::Writer<K>,
+    stream: S,
+    what: &str,
+    queue: &WorkQueue<String>,
+    key_of: impl Fn(&K) -> Option<String>,
+    resync: impl Fn(),
+) where
+    K: reflector::Lookup + Clone,
+    K::DynamicType: Eq + Hash + Clone,
+    S: futures::Stream<Item = watcher::Result<watcher::Event<K>>>,
+{
+    reflector::reflector(writer, stream)
+        .for_each(|ev| {
+            match ev {
+                Ok(
+                    watcher::Event::Apply(o)
+                    | watcher::Event::Delete(o)
+                    | watcher::Event::InitApply(o),
+                ) => {
+                    if let Some(k) = key_of(&o) {
+                        queue.add(k);
+                    }
+                }
+                Ok(watcher::Event::InitDone) => resync(),
+                Ok(watcher::Event::Init) => {}
+                Err(e) => tracing::warn!(watch = what, error = %e, "watch failed; retrying"),
+            }
+            futures::future::ready(())
+        })
+        .await;
 }
 
 #[cfg(test)]

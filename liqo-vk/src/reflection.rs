@@ -39,7 +39,6 @@
 use std::{collections::BTreeMap, fmt::Debug, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{
     Api, Resource, ResourceExt,
@@ -57,7 +56,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     names::{self, FIELD_MANAGER},
-    queue::{Requeue, WorkQueue},
+    queue::{self, Requeue, WorkQueue},
 };
 
 /// Why an object cannot be reflected (reported, retried with backoff).
@@ -498,91 +497,47 @@ impl<R: Reflect> ResourceReflector for Reflector<R> {
             target_labels,
         });
 
-        let (q1, t1, kind1) = (queue.clone(), target_store.clone(), self.kind.clone());
-        let source_events = reflector::reflector(
+        let source_events = queue::feed(
             source_writer,
             watcher(source_api, self.inner.source_selector()).default_backoff(),
-        )
-        .for_each(move |ev| {
-            match ev {
-                Ok(
-                    watcher::Event::Apply(o)
-                    | watcher::Event::Delete(o)
-                    | watcher::Event::InitApply(o),
-                ) => q1.add(o.name_any()),
-                Ok(watcher::Event::InitDone) => {
-                    // A re-list may hide deletions: look at every target again.
-                    for t in t1.state() {
-                        if let Some(k) = t.annotations().get(names::REFLECTION_SOURCE) {
-                            q1.add(k.clone());
-                        }
+            &self.kind,
+            &queue,
+            |o: &R::Source| Some(o.name_any()),
+            // A re-list may hide deletions: look at every target again.
+            || {
+                for t in target_store.state() {
+                    if let Some(k) = t.annotations().get(names::REFLECTION_SOURCE) {
+                        queue.add(k.clone());
                     }
                 }
-                Ok(watcher::Event::Init) => {}
-                Err(e) => {
-                    tracing::warn!(kind = %kind1, error = %e, "source watch failed; retrying")
-                }
-            }
-            futures::future::ready(())
-        });
-        let (q2, s2, kind2) = (queue.clone(), source_store.clone(), self.kind.clone());
-        let target_events = reflector::reflector(
+            },
+        );
+        let target_events = queue::feed(
             target_writer,
             watcher(target_api, watcher::Config::default().labels(&selector)).default_backoff(),
-        )
-        .for_each(move |ev| {
-            match ev {
-                Ok(
-                    watcher::Event::Apply(o)
-                    | watcher::Event::Delete(o)
-                    | watcher::Event::InitApply(o),
-                ) => {
-                    if let Some(k) = o.annotations().get(names::REFLECTION_SOURCE) {
-                        q2.add(k.clone());
-                    }
+            &self.kind,
+            &queue,
+            |o: &R::Target| o.annotations().get(names::REFLECTION_SOURCE).cloned(),
+            || {
+                for s in source_store.state() {
+                    queue.add(s.name_any());
                 }
-                Ok(watcher::Event::InitDone) => {
-                    for s in s2.state() {
-                        q2.add(s.name_any());
-                    }
-                }
-                Ok(watcher::Event::Init) => {}
-                Err(e) => {
-                    tracing::warn!(kind = %kind2, error = %e, "target watch failed; retrying")
-                }
-            }
-            futures::future::ready(())
-        });
-
-        let workers = {
-            let sides = sides.clone();
-            let queue = queue.clone();
-            let cancel = shutdown.clone();
-            let n = self.config.workers;
-            async move {
-                // Deciding that a target is orphaned needs both sides listed.
-                let ready = async {
-                    source_store.wait_until_ready().await?;
-                    target_store.wait_until_ready().await
-                };
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    r = ready => if r.is_err() { return },
-                }
-                queue
-                    .run(n, cancel, move |key| {
-                        let sides = sides.clone();
-                        async move {
-                            let r = sides.reconcile(key).await;
-                            if let Err(e) = &r {
-                                tracing::warn!(error = %e, "reflection failed; will retry");
-                            }
-                            r
-                        }
-                    })
-                    .await;
-            }
+            },
+        );
+        // Deciding that a target is orphaned needs both sides listed.
+        let ready = async {
+            source_store.wait_until_ready().await?;
+            target_store.wait_until_ready().await
         };
+        let workers = queue.clone().run_when_ready(
+            ready,
+            self.config.workers,
+            shutdown.clone(),
+            move |key| {
+                let sides = sides.clone();
+                async move { sides.reconcile(key).await }
+            },
+        );
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = source_events => {}
