@@ -23,9 +23,11 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
-    /// A translator for the remote cluster's addresses (remote pod IPs, endpoint addresses).
+    /// A translator for the remote cluster's addresses (remote pod IPs, endpoint addresses)
+    /// and, once known, for this cluster's addresses as the remote reaches them.
     pub fn translator(&self) -> AddressTranslator {
         AddressTranslator::new(self.cluster.clone(), self.remote_mappings.clone())
+            .with_local(self.local_mappings.clone())
     }
 }
 

@@ -312,12 +312,48 @@ impl CidrMapping {
 pub struct AddressTranslator {
     cluster: ClusterId,
     mappings: Vec<CidrMapping>,
+    local: Vec<CidrMapping>,
 }
 
 impl AddressTranslator {
     /// A translator for `cluster` over `mappings`.
     pub fn new(cluster: ClusterId, mappings: Vec<CidrMapping>) -> Self {
-        Self { cluster, mappings }
+        Self {
+            cluster,
+            mappings,
+            local: Vec::new(),
+        }
+    }
+
+    /// Also knowing how the remote cluster addresses this cluster's own networks (the peer's
+    /// remapping of us, [`PeerLink::local_mappings`](crate::PeerLink::local_mappings)).
+    pub fn with_local(mut self, local: Vec<CidrMapping>) -> Self {
+        self.local = local;
+        self
+    }
+
+    /// How the remote cluster addresses this cluster's networks (empty while unknown).
+    pub fn local_mappings(&self) -> &[CidrMapping] {
+        &self.local
+    }
+
+    /// One of this cluster's addresses (a local pod IP) as the remote cluster reaches it.
+    /// Unchanged while the remote's view of this cluster is unknown; `None` for an address
+    /// outside every network the remote knows this cluster by (e.g. a third cluster's pod
+    /// seen here): the remote cannot reach it through the fabric.
+    ///
+    /// ```
+    /// use liqo_core::{AddressTranslator, CidrMapping};
+    /// let us = CidrMapping::new("10.244.0.0/16".parse().unwrap(), "10.72.0.0/16".parse().unwrap()).unwrap();
+    /// let t = AddressTranslator::new("milan".parse().unwrap(), vec![]).with_local(vec![us]);
+    /// assert_eq!(t.local_for_remote("10.244.1.7".parse().unwrap()).unwrap().to_string(), "10.72.1.7");
+    /// assert_eq!(t.local_for_remote("10.99.0.1".parse().unwrap()), None);
+    /// ```
+    pub fn local_for_remote(&self, ip: IpAddr) -> Option<IpAddr> {
+        if self.local.is_empty() {
+            return Some(ip);
+        }
+        self.local.iter().find_map(|m| m.to_remapped(ip))
     }
 
     /// The cluster this translator is for.

@@ -853,6 +853,10 @@ async fn watch_view(ctx: Arc<Ctx>, peer: ClusterId, fc_name: String, ex: Exchang
             {
                 Ok(_) => {
                     info!(%peer, mappings = ?view.mappings, "applied the peer's view of this cluster");
+                    // Translators handed out from now on know how the peer reaches us.
+                    if let Some(l) = ctx.links.lock().links.get_mut(&peer) {
+                        l.local_mappings = view.mappings.clone();
+                    }
                     applied = Some(view.mappings.clone());
                     view
                 }

@@ -8,7 +8,7 @@
 //! | [`ConfigMaps`] | local → remote | `kube-root-ca.crt` stays home (each cluster has its own) |
 //! | [`Secrets`] | local → remote | service-account token Secrets stay home |
 //! | [`Services`] | local → remote | cluster IPs, node ports and the selector are cleared: the provider allocates its own IP and the endpoints come from [`EndpointSlices`] |
-//! | [`EndpointSlices`] | local → remote | addresses of offloaded pods are translated back to the provider's own; node names and target references dropped |
+//! | [`EndpointSlices`] | local → remote | addresses of pods offloaded there translated back to the provider's own, local pods' to how the provider reaches them, other providers' pods left out; node names and target references dropped |
 //! | [`ServiceAccountTokens`] | local → remote | a token of each local ServiceAccount (TokenRequest API), renewed before it expires, in Secret `liqo-sa-<name>` that offloaded pods mount |
 //! | [`Events`] | remote → local | events about remote pods (and their ShadowPods) point at the local pods |
 //!
@@ -199,28 +199,23 @@ impl Reflect for EndpointSlices {
         let endpoints = es
             .endpoints
             .iter()
-            .map(|e| Endpoint {
-                // Addresses of offloaded pods are seen here through the fabric's remapping: give
-                // the provider its own. Others (pods of this cluster) are left as they are.
-                addresses: e
+            .filter_map(|e| {
+                let addresses: Vec<String> = e
                     .addresses
                     .iter()
-                    .map(|a| match a.parse() {
-                        Ok(ip) => scope
-                            .translator
-                            .to_remote_view(ip)
-                            .map(|ip| ip.to_string())
-                            .unwrap_or_else(|_| a.clone()),
-                        Err(_) => a.clone(),
-                    })
-                    .collect(),
-                conditions: e.conditions.clone(),
-                hostname: e.hostname.clone(),
-                zone: e.zone.clone(),
-                deprecated_topology: None,
-                hints: None,
-                node_name: None,
-                target_ref: None,
+                    .filter_map(|a| provider_view(a, scope))
+                    .collect();
+                // An endpoint the provider cannot reach at all is not one for it.
+                (!addresses.is_empty()).then(|| Endpoint {
+                    addresses,
+                    conditions: e.conditions.clone(),
+                    hostname: e.hostname.clone(),
+                    zone: e.zone.clone(),
+                    deprecated_topology: None,
+                    hints: None,
+                    node_name: None,
+                    target_ref: None,
+                })
             })
             .collect();
         Ok(Some(EndpointSlice {
@@ -230,6 +225,21 @@ impl Reflect for EndpointSlices {
             ports: es.ports.clone(),
         }))
     }
+}
+
+/// An endpoint address as the provider reaches it: a pod offloaded to this provider (seen here
+/// through the fabric's remapping) gets the provider's own address back; a pod of this cluster
+/// gets the address the provider knows it by; anything else (a pod offloaded to another
+/// provider, which this provider has no tunnel to) is left out. Non-IP text stays as it is.
+fn provider_view(address: &str, scope: &ReflectionScope) -> Option<String> {
+    let Ok(ip) = address.parse() else {
+        return Some(address.to_owned());
+    };
+    let t = &scope.translator;
+    t.to_remote_view(ip)
+        .ok()
+        .or_else(|| t.local_for_remote(ip))
+        .map(|ip| ip.to_string())
 }
 
 /// The name of the Secret holding a service account's token on the provider.
@@ -499,6 +509,43 @@ mod tests {
         assert_eq!(
             r.metadata.labels.unwrap()["endpointslice.kubernetes.io/managed-by"],
             ENDPOINTSLICE_MANAGED_BY
+        );
+    }
+
+    #[test]
+    fn endpoints_take_the_providers_view_once_it_is_known() {
+        // This cluster (rome's consumer) is on 10.244.0.0/16 too; the provider knows it as
+        // 10.72.0.0/16. A pod offloaded to another provider is seen here at 10.73.0.4.
+        let mut scope = scope();
+        let us = CidrMapping::new(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.72.0.0/16".parse().unwrap(),
+        )
+        .unwrap();
+        scope.translator = scope.translator.clone().with_local(vec![us]);
+        let endpoint = |addresses: &[&str]| Endpoint {
+            addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+            ..Endpoint::default()
+        };
+        let es = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some("web-abc".into()),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: vec![
+                endpoint(&["10.71.0.5"]),
+                endpoint(&["10.244.3.8"]),
+                endpoint(&["10.73.0.4"]),
+            ],
+            ports: None,
+        };
+        let r = EndpointSlices.transform(&es, &scope).unwrap().unwrap();
+        let addresses: Vec<_> = r.endpoints.iter().map(|e| e.addresses.clone()).collect();
+        assert_eq!(
+            addresses,
+            vec![vec!["10.244.0.5".to_owned()], vec!["10.72.3.8".to_owned()]],
+            "the provider's own pod, ours as it reaches us; the other provider's pod left out"
         );
     }
 

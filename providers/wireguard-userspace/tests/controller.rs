@@ -270,7 +270,16 @@ async fn scenario(
     // Each side learned the other's view of itself.
     let snap = links_a.get(id_b).ok_or("no snapshot")?;
     assert_eq!(snap.view.mappings, link_ba.remote_mappings, "{snap:?}");
-    assert!(links_a.translator(id_b).is_some());
+    // The virtual kubelet's translator knows both directions: the provider's pods as we reach
+    // them, and our pods as the provider reaches them (for reflected EndpointSlices).
+    let tr = links_a.translator(id_b).ok_or("no translator")?;
+    assert_eq!(tr.mappings(), &link_ab.remote_mappings[..]);
+    assert_eq!(tr.local_mappings(), &link_ba.remote_mappings[..], "{tr:?}");
+    let our_pod: std::net::IpAddr = "10.244.3.8".parse()?;
+    assert_eq!(
+        tr.local_for_remote(our_pod),
+        link_ba.remote_mappings[0].to_remapped(our_pod)
+    );
 
     // Tunnels report a handshake.
     for (client, peer) in [(ca, id_b), (cb, id_a)] {
