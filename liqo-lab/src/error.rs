@@ -95,6 +95,15 @@ pub enum LabError {
         source: kube::Error,
     },
 
+    /// A manifest (YAML file or one of its documents) could not be read or applied.
+    #[error("manifest {what}: {message}")]
+    Manifest {
+        /// The file and document, or the object (`Kind name`).
+        what: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// A kubeconfig could not be loaded or turned into a client configuration.
     #[error("kubeconfig {}: {source}", .path.display())]
     Kubeconfig {

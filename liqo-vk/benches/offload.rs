@@ -14,7 +14,6 @@ mod common;
 
 use std::{
     collections::{HashMap, HashSet},
-    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -32,7 +31,7 @@ use kube::{
 };
 use liqo_core::{ResourceOffer, crds::PodOffloadingStrategy, labels};
 use liqo_lab::{Cluster, ClusterSpec, Lab, LabSpec, WorkerSpec};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const CONSUMER: &str = "bench-consumer";
 const PROVIDER: &str = "bench-provider";
@@ -83,22 +82,7 @@ fn opts() -> Result<Opts, String> {
 }
 
 fn agent(role: &str, cluster: &Cluster, extra: &[String]) -> BoxResult<Child> {
-    let mut cmd = Command::new("setpriv");
-    cmd.args([
-        "--pdeathsig",
-        "KILL",
-        "--",
-        env!("CARGO_BIN_EXE_liqo-vk-agent"),
-        role,
-    ])
-    .arg("--kubeconfig")
-    .arg(cluster.kubeconfig_path())
-    .args(["--cluster-id", cluster.name()])
-    .args(extra)
-    .env("RUST_LOG", "liqo_vk=warn")
-    .stdout(Stdio::null())
-    .kill_on_drop(true);
-    Ok(cmd.spawn()?)
+    spawn_vk_agent(role, cluster, extra, "liqo_vk=warn")
 }
 
 fn proc_kib(pid: u32, field: &str) -> Option<u64> {

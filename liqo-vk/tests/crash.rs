@@ -19,38 +19,25 @@ use kube::{
 use liqo_core::{ResourceOffer, crds::PodOffloadingStrategy, labels};
 use liqo_lab::{Cluster, ClusterSpec, LabSpec};
 use liqo_vk::{ProviderAgent, names, shadow::ShadowPod};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const CONSUMER: &str = "cr-consumer";
 const PROVIDER: &str = "cr-provider";
 
 fn spawn_agent(consumer: &Cluster, webhook_port: u16) -> BoxResult<Child> {
-    let mut cmd = Command::new("setpriv");
-    // Dies with the test binary whatever happens to it.
-    cmd.args([
-        "--pdeathsig",
-        "KILL",
-        "--",
-        env!("CARGO_BIN_EXE_liqo-vk-agent"),
+    spawn_vk_agent(
         "consumer",
-    ])
-    .arg("--kubeconfig")
-    .arg(consumer.kubeconfig_path())
-    .args([
-        "--cluster-id",
-        CONSUMER,
-        "--webhook",
-        &format!("127.0.0.1:{webhook_port}"),
-    ])
-    .args([
-        "--map",
-        &format!("{PROVIDER}=10.244.0.0/16:10.71.0.0/16"),
-        "--heartbeat-ms",
-        "1000",
-    ])
-    .env("RUST_LOG", "liqo_vk=info")
-    .kill_on_drop(true);
-    Ok(cmd.spawn()?)
+        consumer,
+        &[
+            "--webhook".into(),
+            format!("127.0.0.1:{webhook_port}"),
+            "--map".into(),
+            format!("{PROVIDER}=10.244.0.0/16:10.71.0.0/16"),
+            "--heartbeat-ms".into(),
+            "1000".into(),
+        ],
+        "liqo_vk=info",
+    )
 }
 
 async fn kill9(child: &mut Child) -> TestResult {

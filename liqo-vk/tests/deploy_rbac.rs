@@ -26,8 +26,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
-    discovery::Scope,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
     runtime::wait::await_condition,
 };
 use liqo_core::{
@@ -113,18 +112,7 @@ fn cluster(lab: &'static Lab, name: &str) -> &'static Cluster {
 
 /// The documents of one manifest file, as JSON (comment-only documents skipped).
 fn documents(file: &str) -> BoxResult<Vec<serde_json::Value>> {
-    let path = deploy_dir().join(file);
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut out = vec![];
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
-        let v = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc)
-            .map_err(|e| format!("{file}, document {i}: {e}"))?;
-        if v.is_null() {
-            continue;
-        }
-        out.push(serde_json::to_value(&v).map_err(|e| format!("{file}, document {i}: {e}"))?);
-    }
-    Ok(out)
+    Ok(liqo_lab::read_manifest(&deploy_dir().join(file))?)
 }
 
 /// The files `deploy/kustomization.yaml` lists, in order.
@@ -143,38 +131,7 @@ fn kustomization_resources() -> BoxResult<Vec<String>> {
 
 /// Server-side applies one document (dry run or for real) and returns what the server made of it.
 async fn apply_doc(client: &Client, doc: &serde_json::Value, dry_run: bool) -> BoxResult<String> {
-    let obj: DynamicObject = serde_json::from_value(doc.clone())?;
-    let types = obj
-        .types
-        .clone()
-        .ok_or("a document without apiVersion/kind")?;
-    let (group, version) = match types.api_version.split_once('/') {
-        Some((g, v)) => (g.to_owned(), v.to_owned()),
-        None => (String::new(), types.api_version.clone()),
-    };
-    let gvk = GroupVersionKind::gvk(&group, &version, &types.kind);
-    let (ar, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
-    let name = obj.name_any();
-    let what = format!("{} {name}", types.kind);
-    let api: Api<DynamicObject> = match caps.scope {
-        Scope::Cluster => Api::all_with(client.clone(), &ar),
-        Scope::Namespaced => Api::namespaced_with(
-            client.clone(),
-            obj.metadata
-                .namespace
-                .as_deref()
-                .ok_or_else(|| format!("{what} is namespaced but names no namespace"))?,
-            &ar,
-        ),
-    };
-    let mut pp = PatchParams::apply(FIELD_MANAGER).force();
-    if dry_run {
-        pp = pp.dry_run();
-    }
-    api.patch(&name, &pp, &Patch::Apply(doc))
-        .await
-        .map_err(|e| format!("applying {what}: {e}"))?;
-    Ok(what)
+    Ok(liqo_lab::apply_document(client, doc, FIELD_MANAGER, dry_run).await?)
 }
 
 /// Once per binary, on both clusters: the CRDs (from `deploy/crds`), the namespace, the RBAC and

@@ -6,10 +6,11 @@
 
 mod common;
 
+use common::{Agent, free_port, http_get, until};
+
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec};
@@ -26,7 +27,6 @@ use liqo_core::{
 };
 use liqo_lab::{Cluster, ClusterSpec, Lab, LabSpec};
 use liqo_vk::shadow::ShadowPod;
-use tokio::process::{Child, Command};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 const WAIT: Duration = Duration::from_secs(90);
@@ -35,13 +35,6 @@ async fn lab() -> &'static Lab {
     liqo_lab::shared(|| LabSpec::new([ClusterSpec::new("agent-a"), ClusterSpec::new("agent-b")]))
         .await
         .unwrap_or_else(|e| panic!("the shared lab did not start: {e}"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 /// Removed when the test ends, pass or fail.
@@ -53,147 +46,41 @@ impl Drop for TempDir {
     }
 }
 
-/// One agent process; killed if the test ends without stopping it.
-struct Agent {
-    child: Child,
-    metrics: String,
-    log: PathBuf,
-}
-
-impl Agent {
-    /// Starts an agent on `cluster`, authenticated by `kubeconfig`.
-    async fn start(
-        dir: &Path,
-        cluster: &Cluster,
-        kubeconfig: &Path,
-        id: &str,
-        name: &str,
-    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        let (metrics_port, peering_port) = (free_port(), free_port());
-        let config = dir.join(format!("{id}.yaml"));
-        std::fs::write(
-            &config,
-            format!(
-                "installCrds: false\n\
-                 cluster:\n  name: {name}\n  id: {id}\n  podCidr: {pod}\n  serviceCidr: {svc}\n\
-                 peering:\n  listen: 127.0.0.1:{peering_port}\n  credentialLifetimeSeconds: 600\n  \
-                 offer: {{cpu: '4', memory: 8Gi, pods: 20}}\n\
-                 virtualKubelet:\n  consumer:\n    heartbeatSeconds: 2\n",
-                pod = cluster.pod_cidr(),
-                svc = cluster.service_cidr(),
-            ),
-        )?;
-        let log = dir.join(format!("{id}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_liqo-agent"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .arg("--log-format")
-            .arg("json")
-            .env("RUST_LOG", "info,liqo_vk=debug,kube_runtime=warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
-            .spawn()?;
-        Ok(Self {
-            child,
-            metrics: format!("127.0.0.1:{metrics_port}"),
-            log,
-        })
-    }
-
-    /// The refusals the agent logged (all of them), then the last lines of its log.
-    fn logs(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        let refused = common::refusals(&self.log);
+/// Starts an agent on `cluster`, authenticated by `kubeconfig`.
+fn start_agent(
+    dir: &Path,
+    cluster: &Cluster,
+    kubeconfig: &Path,
+    id: &str,
+    name: &str,
+) -> Result<Agent, common::Error> {
+    let (metrics_port, peering_port) = (free_port(), free_port());
+    let config = dir.join(format!("{id}.yaml"));
+    std::fs::write(
+        &config,
         format!(
-            "refusals: {}\n{}",
-            if refused.is_empty() {
-                "none".to_owned()
-            } else {
-                refused.join("\n")
-            },
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        )
-    }
-
-    /// Sends SIGTERM and waits for the exit code.
-    async fn terminate(mut self) -> Result<i32, Box<dyn std::error::Error + Send + Sync>> {
-        let pid = self.child.id().ok_or("the agent already exited")?;
-        let pid = i32::try_from(pid)?;
-        // SIGTERM to the child we spawned, by its pid.
-        let rc = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        assert!(rc.success(), "kill -TERM {pid}");
-        let status = tokio::time::timeout(Duration::from_secs(45), self.child.wait())
-            .await
-            .map_err(|_| {
-                format!(
-                    "the agent did not exit within 45s after SIGTERM:\n{}",
-                    self.logs()
-                )
-            })??;
-        Ok(status.code().unwrap_or(-1))
-    }
-}
-
-/// GET over plain HTTP/1.0 on loopback: (status code, body).
-async fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
-}
-
-async fn until<F, Fut, T>(
-    what: &str,
-    agents: &[&Agent],
-    mut f: F,
-) -> Result<T, Box<dyn std::error::Error + Send + Sync>>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        // A refusal fails the test anyway: stop waiting at the first one.
-        let refused = agents.iter().any(|a| !common::refusals(&a.log).is_empty());
-        if refused || Instant::now() > deadline {
-            let why = if refused {
-                "an agent was refused by the API server"
-            } else {
-                "timed out"
-            };
-            let logs: Vec<String> = agents.iter().map(|a| a.logs()).collect();
-            return Err(format!(
-                "{why} while waiting for {what}; agent logs:\n{}",
-                logs.join("\n-----\n")
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+            "installCrds: false\n\
+             cluster:\n  name: {name}\n  id: {id}\n  podCidr: {pod}\n  serviceCidr: {svc}\n\
+             peering:\n  listen: 127.0.0.1:{peering_port}\n  credentialLifetimeSeconds: 600\n  \
+             offer: {{cpu: '4', memory: 8Gi, pods: 20}}\n\
+             virtualKubelet:\n  consumer:\n    heartbeatSeconds: 2\n",
+            pod = cluster.pod_cidr(),
+            svc = cluster.service_cidr(),
+        ),
+    )?;
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    Agent::spawn(
+        &config,
+        &[
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--metrics-addr".into(),
+            metrics.clone(),
+        ],
+        metrics,
+        dir.join(format!("{id}.log")),
+        "info,liqo_vk=debug,kube_runtime=warn",
+    )
 }
 
 fn node_ready(n: &Node) -> bool {
@@ -220,23 +107,23 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
         common::install_deploy(ca).await?,
         common::install_deploy(cb).await?,
     );
-    let consumer = Agent::start(dir, ca, &sa_a, "agent-cons", "Consumer").await?;
-    let provider = Agent::start(dir, cb, &sa_b, "agent-prov", "Provider").await?;
+    let consumer = start_agent(dir, ca, &sa_a, "agent-cons", "Consumer")?;
+    let provider = start_agent(dir, cb, &sa_b, "agent-prov", "Provider")?;
     let logs = [consumer.log.clone(), provider.log.clone()];
     let agents = [&consumer, &provider];
 
     // Both become ready (controllers started, local API answering).
     for agent in agents {
-        until("/readyz 200", &agents, || async {
-            matches!(get(&agent.metrics, "/readyz").await, Ok((200, _))).then_some(())
+        until("/readyz 200", &agents, WAIT, || async {
+            matches!(http_get(&agent.metrics, "/readyz").await, Ok((200, _))).then_some(())
         })
         .await?;
-        let (code, body) = get(&agent.metrics, "/healthz").await?;
+        let (code, body) = http_get(&agent.metrics, "/healthz").await?;
         assert_eq!((code, body.trim()), (200, "ok"));
     }
 
     // The provider published its facts; the consumer's administrator asks for it as a provider.
-    let info = until("the provider's cluster info", &agents, || async {
+    let info = until("the provider's cluster info", &agents, WAIT, || async {
         liqo_core::info::read(&b).await.ok().flatten()
     })
     .await?;
@@ -272,14 +159,14 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
     // The virtual node comes up Ready on the consumer.
     let node = liqo_vk::names::node_name(&prov_id);
     let nodes: Api<Node> = Api::all(a.clone());
-    until("virtual node Ready", &agents, || async {
+    until("virtual node Ready", &agents, WAIT, || async {
         nodes.get_opt(&node).await.ok().flatten().filter(node_ready)
     })
     .await?;
 
     // Metrics show the peer and its virtual node.
-    let body = until("the peer in /metrics", &agents, || async {
-        match get(&consumer.metrics, "/metrics").await {
+    let body = until("the peer in /metrics", &agents, WAIT, || async {
+        match http_get(&consumer.metrics, "/metrics").await {
             Ok((200, body))
                 if body.contains("peer=\"agent-prov\"")
                     && body.contains(&format!(
@@ -326,7 +213,7 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
         &Patch::Apply(&nso),
     )
     .await?;
-    until("offloading Ready", &agents, || async {
+    until("offloading Ready", &agents, WAIT, || async {
         nsos.get_opt(liqo_vk::names::OFFLOADING_NAME)
             .await
             .ok()
@@ -353,7 +240,7 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
         }),
         ..Pod::default()
     };
-    until("the pod created (webhook ready)", &agents, || async {
+    until("the pod created (webhook ready)", &agents, WAIT, || async {
         match pods.create(&PostParams::default(), &pod).await {
             Ok(p) => Some(p),
             Err(kube::Error::Api(s)) if s.code == 409 => pods.get_opt("web").await.ok().flatten(),
@@ -362,7 +249,7 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
     })
     .await?;
     let shadows: Api<ShadowPod> = Api::all(b.clone());
-    let shadow = until("the ShadowPod on the provider", &agents, || async {
+    let shadow = until("the ShadowPod on the provider", &agents, WAIT, || async {
         shadows
             .list(&ListParams::default())
             .await
@@ -378,12 +265,12 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
         .clone()
         .ok_or("ShadowPod without namespace")?;
     let remote_pods: Api<Pod> = Api::namespaced(b.clone(), &twin);
-    until("the remote pod on the provider", &agents, || async {
+    until("the remote pod on the provider", &agents, WAIT, || async {
         remote_pods.get_opt("web").await.ok().flatten()
     })
     .await?;
-    let body = until("the offloaded pod in /metrics", &agents, || async {
-        match get(&consumer.metrics, "/metrics").await {
+    let body = until("the offloaded pod in /metrics", &agents, WAIT, || async {
+        match http_get(&consumer.metrics, "/metrics").await {
             Ok((200, body))
                 if body.contains(&format!(
                     "liqo_offloaded_pods{{node=\"{node}\",peer=\"agent-prov\"}} 1"
@@ -429,8 +316,8 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
             }})),
         )
         .await?;
-    until("the tunnel in /metrics", &agents, || async {
-        match get(&consumer.metrics, "/metrics").await {
+    until("the tunnel in /metrics", &agents, WAIT, || async {
+        match http_get(&consumer.metrics, "/metrics").await {
             Ok((200, body))
                 if body.contains("liqo_tunnel_up{peer=\"agent-prov\"} 1")
                     && body.contains(

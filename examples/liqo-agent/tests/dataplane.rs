@@ -12,11 +12,12 @@
 
 mod common;
 
+use common::{Agent, Error, failure, free_port, http_get, until};
+
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -42,9 +43,7 @@ use liqo_core::{
 };
 use liqo_lab::{Cluster, ClusterSpec, DataPlane, IpNet, Lab, LabSpec, NETNS_LABEL, WorkerSpec};
 use serde::de::DeserializeOwned;
-use tokio::process::{Child, Command};
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
 type TestResult = Result<(), Error>;
 
 /// The longest any single step may take.
@@ -66,13 +65,6 @@ async fn lab() -> &'static Lab {
     })
     .await
     .unwrap_or_else(|e| panic!("the shared lab did not start: {e}"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 /// The WireGuard interface of `cluster`'s agent: unique on the machine (control sockets are
@@ -127,31 +119,23 @@ impl Drop for Leftovers {
     }
 }
 
-/// One agent process; killed if the test ends without stopping it.
-struct Agent {
-    child: Child,
-    metrics: String,
-    log: PathBuf,
-}
-
-impl Agent {
-    /// Starts the agent of `cluster`, authenticated by `kubeconfig`.
-    fn start(
-        dir: &Path,
-        cluster: &Cluster,
-        kubeconfig: &Path,
-        dp: &DataPlane,
-    ) -> Result<Self, Error> {
-        let name = cluster.name();
-        let gw = dp
-            .gateway(name)
-            .ok_or_else(|| format!("the data plane has no gateway for {name}"))?;
-        let (metrics_port, peering_port, webhook_port) = (free_port(), free_port(), free_port());
-        let config = dir.join(format!("{name}.yaml"));
-        std::fs::write(
-            &config,
-            format!(
-                "kubeconfig: {kubeconfig}\n\
+/// Starts the agent of `cluster`, authenticated by `kubeconfig`.
+fn start_agent(
+    dir: &Path,
+    cluster: &Cluster,
+    kubeconfig: &Path,
+    dp: &DataPlane,
+) -> Result<Agent, Error> {
+    let name = cluster.name();
+    let gw = dp
+        .gateway(name)
+        .ok_or_else(|| format!("the data plane has no gateway for {name}"))?;
+    let (metrics_port, peering_port, webhook_port) = (free_port(), free_port(), free_port());
+    let config = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "kubeconfig: {kubeconfig}\n\
                  installCrds: false\n\
                  metricsAddr: 127.0.0.1:{metrics_port}\n\
                  cluster:\n  name: {name}\n  id: {name}\n  podCidr: {pod}\n  serviceCidr: {svc}\n\
@@ -165,115 +149,21 @@ impl Agent {
                  virtualKubelet:\n  consumer:\n    enabled: true\n    \
                  webhook: 127.0.0.1:{webhook_port}\n    heartbeatSeconds: 2\n  \
                  provider:\n    enabled: true\n",
-                kubeconfig = kubeconfig.display(),
-                pod = cluster.pod_cidr(),
-                svc = cluster.service_cidr(),
-                iface = interface(name),
-                wan = gw.wan_address,
-                netns = gw.netns_path.display(),
-            ),
-        )?;
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_liqo-agent"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--log-format")
-            .arg("json")
-            .env(
-                "RUST_LOG",
-                "info,liqo_net=debug,liqo_wireguard_userspace=debug,kube_runtime=warn",
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
-            .spawn()?;
-        Ok(Self {
-            child,
-            metrics: format!("127.0.0.1:{metrics_port}"),
-            log,
-        })
-    }
-
-    /// The refusals the agent logged (all of them), then the last lines of its log.
-    fn logs(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(40).collect();
-        let refused = common::refusals(&self.log);
-        format!(
-            "refusals: {}\n{}",
-            if refused.is_empty() {
-                "none".to_owned()
-            } else {
-                refused.join("\n")
-            },
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        )
-    }
-
-    /// Sends SIGTERM (to this child, by pid) and waits for the exit code.
-    async fn terminate(mut self) -> Result<i32, Error> {
-        let pid = self.child.id().ok_or("the agent already exited")?;
-        let rc = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        assert!(rc.success(), "kill -TERM {pid}");
-        let status = tokio::time::timeout(Duration::from_secs(45), self.child.wait())
-            .await
-            .map_err(|_| {
-                format!(
-                    "the agent did not exit within 45s after SIGTERM:\n{}",
-                    self.logs()
-                )
-            })??;
-        Ok(status.code().unwrap_or(-1))
-    }
-}
-
-fn failure(what: &str, agents: &[&Agent], detail: impl std::fmt::Display) -> Error {
-    let logs: Vec<String> = agents.iter().map(|a| a.logs()).collect();
-    format!("{what}: {detail}; agent logs:\n{}", logs.join("\n-----\n")).into()
-}
-
-/// GET over plain HTTP/1.0 on loopback: the status code.
-async fn status_of(addr: &str, path: &str) -> std::io::Result<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await?;
-    Ok(buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0))
-}
-
-/// Polls `f` (for what cannot be watched: an HTTP endpoint, a published ConfigMap's contents).
-async fn until<F, Fut, T>(what: &str, agents: &[&Agent], mut f: F) -> Result<T, Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            return Err(failure(what, agents, format!("not within {WAIT:?}")));
-        }
-        // A refusal fails the test anyway: stop waiting at the first one.
-        if agents.iter().any(|a| !common::refusals(&a.log).is_empty()) {
-            return Err(failure(
-                what,
-                agents,
-                "an agent was refused by the API server",
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+            kubeconfig = kubeconfig.display(),
+            pod = cluster.pod_cidr(),
+            svc = cluster.service_cidr(),
+            iface = interface(name),
+            wan = gw.wan_address,
+            netns = gw.netns_path.display(),
+        ),
+    )?;
+    Agent::spawn(
+        &config,
+        &[],
+        format!("127.0.0.1:{metrics_port}"),
+        dir.join(format!("{name}.log")),
+        "info,liqo_net=debug,liqo_wireguard_userspace=debug,kube_runtime=warn",
+    )
 }
 
 /// Watches `api` (filtered by `config`) until `f` accepts an object.
@@ -443,13 +333,13 @@ async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> TestRe
         common::install_deploy(ca).await?,
         common::install_deploy(cb).await?,
     );
-    let consumer = Agent::start(&leftovers.dir, ca, &sa_a, &dp)?;
-    let provider = Agent::start(&leftovers.dir, cb, &sa_b, &dp)?;
+    let consumer = start_agent(&leftovers.dir, ca, &sa_a, &dp)?;
+    let provider = start_agent(&leftovers.dir, cb, &sa_b, &dp)?;
     let logs = [consumer.log.clone(), provider.log.clone()];
     let agents = [&consumer, &provider];
     for agent in agents {
-        until("/readyz 200", &agents, || async {
-            matches!(status_of(&agent.metrics, "/readyz").await, Ok(200)).then_some(())
+        until("/readyz 200", &agents, WAIT, || async {
+            matches!(http_get(&agent.metrics, "/readyz").await, Ok((200, _))).then_some(())
         })
         .await?;
     }
@@ -468,7 +358,7 @@ async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> TestRe
     }
 
     // `liqoctl peer`: the consumer declares the provider (endpoint and pinned key) as Provider.
-    let info = until("the provider's cluster info", &agents, || async {
+    let info = until("the provider's cluster info", &agents, WAIT, || async {
         liqo_core::info::read(&b).await.ok().flatten()
     })
     .await?;
@@ -637,15 +527,20 @@ async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> TestRe
     // consumer:client -> <remapped IP>:8080 -> tunnel -> provider's NAT -> the real pod.
     let url = format!("http://{seen_ip}:8080/");
     let last = std::cell::RefCell::new(String::new());
-    let body = until("an HTTP answer through the tunnel", &agents, || async {
-        match dp.http_get(CONSUMER, "default", "client", &url).await {
-            Ok(body) => Some(body),
-            Err(e) => {
-                *last.borrow_mut() = e.to_string();
-                None
+    let body = until(
+        "an HTTP answer through the tunnel",
+        &agents,
+        WAIT,
+        || async {
+            match dp.http_get(CONSUMER, "default", "client", &url).await {
+                Ok(body) => Some(body),
+                Err(e) => {
+                    *last.borrow_mut() = e.to_string();
+                    None
+                }
             }
-        }
-    })
+        },
+    )
     .await
     .map_err(|e| format!("{e}\nlast error: {}", last.borrow()))?;
     assert_eq!(field(&body, "cluster"), Some(PROVIDER), "{body}");

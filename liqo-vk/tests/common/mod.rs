@@ -385,3 +385,30 @@ pub fn node_of(p: &Pod) -> String {
         .and_then(|s| s.node_name.clone())
         .unwrap_or_default()
 }
+
+/// Runs the `liqo-vk-agent` binary as `role` (`consumer` or `provider`) for `cluster`, with
+/// `args` after its kubeconfig and cluster id. It dies with the test process whatever happens
+/// to it (SIGKILL on parent death) and when the handle is dropped.
+pub fn spawn_vk_agent(
+    role: &str,
+    cluster: &Cluster,
+    args: &[String],
+    rust_log: &str,
+) -> BoxResult<tokio::process::Child> {
+    Ok(tokio::process::Command::new("setpriv")
+        .args([
+            "--pdeathsig",
+            "KILL",
+            "--",
+            env!("CARGO_BIN_EXE_liqo-vk-agent"),
+            role,
+        ])
+        .arg("--kubeconfig")
+        .arg(cluster.kubeconfig_path())
+        .args(["--cluster-id", cluster.name()])
+        .args(args)
+        .env("RUST_LOG", rust_log)
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?)
+}

@@ -17,11 +17,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use kube::{
-    Api, Client, ResourceExt,
-    api::{DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
-    discovery::Scope,
-};
+use kube::{Api, Client, api::PostParams};
 use liqo_lab::Cluster;
 
 /// The tests' error type.
@@ -44,58 +40,14 @@ fn deploy_dir() -> PathBuf {
 
 /// The documents of one manifest of `deploy/`, as JSON (comment-only documents skipped).
 fn documents(file: &str) -> Result<Vec<serde_json::Value>, Error> {
-    let path = deploy_dir().join(file);
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut out = vec![];
-    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
-        let v = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc)
-            .map_err(|e| format!("deploy/{file}, document {i}: {e}"))?;
-        if v.is_null() {
-            continue;
-        }
-        out.push(
-            serde_json::to_value(&v).map_err(|e| format!("deploy/{file}, document {i}: {e}"))?,
-        );
-    }
-    Ok(out)
+    Ok(liqo_lab::read_manifest(&deploy_dir().join(file))?)
 }
 
 /// Server-side applies one document of `file` for real.
 async fn apply_doc(client: &Client, file: &str, doc: &serde_json::Value) -> Result<(), Error> {
-    let obj: DynamicObject = serde_json::from_value(doc.clone())
-        .map_err(|e| format!("deploy/{file}: not an object: {e}"))?;
-    let types = obj
-        .types
-        .clone()
-        .ok_or_else(|| format!("deploy/{file}: a document without apiVersion/kind"))?;
-    let (group, version) = match types.api_version.split_once('/') {
-        Some((g, v)) => (g.to_owned(), v.to_owned()),
-        None => (String::new(), types.api_version.clone()),
-    };
-    let name = obj.name_any();
-    let what = format!("deploy/{file}: {} {name}", types.kind);
-    let gvk = GroupVersionKind::gvk(&group, &version, &types.kind);
-    let (ar, caps) = kube::discovery::pinned_kind(client, &gvk)
+    liqo_lab::apply_document(client, doc, FIELD_MANAGER, false)
         .await
-        .map_err(|e| format!("{what}: {e}"))?;
-    let api: Api<DynamicObject> = match caps.scope {
-        Scope::Cluster => Api::all_with(client.clone(), &ar),
-        Scope::Namespaced => Api::namespaced_with(
-            client.clone(),
-            obj.metadata
-                .namespace
-                .as_deref()
-                .ok_or_else(|| format!("{what} is namespaced but names no namespace"))?,
-            &ar,
-        ),
-    };
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(doc),
-    )
-    .await
-    .map_err(|e| format!("applying {what}: {e}"))?;
+        .map_err(|e| format!("deploy/{file}: {e}"))?;
     Ok(())
 }
 
@@ -228,4 +180,143 @@ pub fn refusals(log: &Path) -> Vec<String> {
         .filter(|l| l.to_lowercase().contains("forbidden"))
         .map(str::to_owned)
         .collect()
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// One liqo-agent process; killed if the test ends without stopping it.
+pub struct Agent {
+    child: tokio::process::Child,
+    /// The address of its /metrics, /healthz and /readyz.
+    pub metrics: String,
+    /// Its log (JSON lines).
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Runs the agent with `config` and `args`, its log in `log`, serving metrics on `metrics`
+    /// (which `config` or `args` must make it listen on).
+    pub fn spawn(
+        config: &Path,
+        args: &[String],
+        metrics: String,
+        log: PathBuf,
+        rust_log: &str,
+    ) -> Result<Self, Error> {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_liqo-agent"))
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .arg("--log-format")
+            .arg("json")
+            .env("RUST_LOG", rust_log)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self {
+            child,
+            metrics,
+            log,
+        })
+    }
+
+    /// The refusals the agent logged (all of them), then the last lines of its log.
+    pub fn logs(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        let refused = refusals(&self.log);
+        format!(
+            "refusals: {}\n{}",
+            if refused.is_empty() {
+                "none".to_owned()
+            } else {
+                refused.join("\n")
+            },
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
+    /// Sends SIGTERM (to this child, by pid) and waits for the exit code.
+    pub async fn terminate(mut self) -> Result<i32, Error> {
+        let pid = self.child.id().ok_or("the agent already exited")?;
+        let rc = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        assert!(rc.success(), "kill -TERM {pid}");
+        let status = tokio::time::timeout(Duration::from_secs(45), self.child.wait())
+            .await
+            .map_err(|_| {
+                format!(
+                    "the agent did not exit within 45s after SIGTERM:\n{}",
+                    self.logs()
+                )
+            })??;
+        Ok(status.code().unwrap_or(-1))
+    }
+}
+
+/// An error naming what failed, with every agent's refusals and last log lines.
+pub fn failure(what: &str, agents: &[&Agent], detail: impl std::fmt::Display) -> Error {
+    let logs: Vec<String> = agents.iter().map(|a| a.logs()).collect();
+    format!("{what}: {detail}; agent logs:\n{}", logs.join("\n-----\n")).into()
+}
+
+/// GET over plain HTTP/1.0 on loopback: (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Polls `f` every 300 ms for up to `wait` (for what cannot be watched: an HTTP endpoint, a
+/// published ConfigMap's contents); fails at once if an agent was refused by the API server.
+pub async fn until<F, Fut, T>(
+    what: &str,
+    agents: &[&Agent],
+    wait: Duration,
+    mut f: F,
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        // A refusal fails the test anyway: stop waiting at the first one.
+        if agents.iter().any(|a| !refusals(&a.log).is_empty()) {
+            return Err(failure(
+                what,
+                agents,
+                "an agent was refused by the API server",
+            ));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(failure(what, agents, format!("not within {wait:?}")));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
