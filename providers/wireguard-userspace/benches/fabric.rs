@@ -4,13 +4,17 @@
 //! - **hand**: a hand-configured tunnel with the same WireGuard implementation (`wg` and `ip`
 //!   by hand, distinct pod CIDRs, no NAT, no policy rules);
 //! - **veth**: two pods on a plain veth pair;
+//! - controls: **fabric-nonat** (our fabric, distinct CIDRs: no NAT rule), **hand-policy** (the
+//!   hand-made tunnel routed through a policy rule, as the fabric routes), and **nat-toggle**
+//!   (one fabric tunnel with rules of the NAT's shape loaded and removed between ping bursts);
 //!
-//! for each userspace implementation (wireguard-go, boringtun), interleaved over several
-//! rounds; medians are reported, and fabric/hand ratios are medians of the ratios of runs made
-//! back to back (robust to load drifting over minutes). Run as root:
+//! for each userspace implementation (wireguard-go, boringtun). In each round every path is up
+//! at once and the pings interleave in short bursts, so drifting load falls on all alike;
+//! fabric/hand ratios are per round, their median is reported with its spread. As root:
 //!
-//! `CARGO_TARGET_DIR=/work/target-net cargo bench -p liqo-wireguard-userspace --bench fabric`
-//! (`BENCH_ROUNDS`, default 3; `BENCH_SECONDS` per iperf3 run, default 5).
+//! `BENCH_ROUNDS=8 BENCH_SECONDS=4 nice -n -15 cargo bench -p liqo-wireguard-userspace --bench fabric`
+//! (`BENCH_ROUNDS`, default 3; `BENCH_SECONDS` per iperf3 run, default 5; `BENCH_CASES=a,b`
+//! only the cases whose names contain a word; `BENCH_DUMP=1` prints each gateway's state).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -26,6 +30,17 @@ use common::*;
 struct Measure {
     gbits: f64,
     rtt_ms: f64,
+}
+
+/// One path between two pods, set up and kept until dropped.
+struct Path {
+    server_ns: String,
+    client_ns: String,
+    target: IpAddr,
+    /// Gateway namespace of the client side (for BENCH_DUMP).
+    gw: Option<String>,
+    /// Tears the path down when dropped.
+    _guard: Box<dyn std::any::Any>,
 }
 
 fn iperf(server_ns: &str, client_ns: &str, target: IpAddr, seconds: u32) -> f64 {
@@ -68,31 +83,65 @@ fn iperf(server_ns: &str, client_ns: &str, target: IpAddr, seconds: u32) -> f64 
         / 1e9
 }
 
-/// The median round-trip time of 100 pings, in ms: robust to the few scheduler outliers a busy
-/// 2-core machine adds, which move ping's own average by more than the paths differ.
-fn rtt(from_ns: &str, target: IpAddr) -> f64 {
+/// Pings per path and round, sent in [`BURSTS`] bursts interleaved with the other paths'.
+/// One every 10 ms: below that, ping busy-waits and takes a whole core of the two.
+const PINGS: usize = 500;
+const BURSTS: usize = 10;
+
+/// With BENCH_DUMP set, prints a gateway's routes, rules, WireGuard and nftables state.
+fn dump(gw: &str) {
+    if std::env::var("BENCH_DUMP").is_err() {
+        return;
+    }
+    for cmd in [
+        "ip rule",
+        "ip route show table all",
+        "wg show all",
+        "ip -d link show",
+        "nft list ruleset",
+    ] {
+        let args: Vec<&str> = cmd.split(' ').collect();
+        eprintln!(
+            "== {gw}: {cmd}\n{}",
+            String::from_utf8_lossy(&in_ns(gw, &args).stdout)
+        );
+    }
+}
+
+/// Samples of ping round-trip times, in ms.
+fn pings(from_ns: &str, target: IpAddr, count: usize) -> Vec<f64> {
     let out = ok_in(
         from_ns,
-        &["ping", "-c", "100", "-i", "0.05", &target.to_string()],
+        &[
+            "ping",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.01",
+            &target.to_string(),
+        ],
     );
     let times: Vec<f64> = out
         .lines()
         .filter_map(|l| l.split("time=").nth(1))
         .filter_map(|t| t.trim_end_matches(" ms").trim().parse().ok())
         .collect();
-    assert!(times.len() >= 90, "ping lost replies: {out}");
-    median(times)
+    assert!(times.len() * 10 >= count * 9, "ping lost replies: {out}");
+    times
 }
 
-fn measure(t_server: &str, t_client: &str, target: IpAddr, seconds: u32) -> Measure {
-    let rtt_ms = rtt(t_client, target);
-    let gbits = iperf(t_server, t_client, target, seconds);
-    Measure { gbits, rtt_ms }
+/// Our fabric between two clusters gone down: the agents remove what they set up.
+struct FabricGuard(Topology);
+
+impl Drop for FabricGuard {
+    fn drop(&mut self) {
+        self.0.shutdown_all();
+    }
 }
 
 /// Through our fabric; `overlap`: both clusters on 10.244.0.0/16 (remapping + NAT), else
 /// 10.1.0.0/16 and 10.2.0.0/16 (no NAT rule at all: isolates the NAT's cost).
-fn fabric(implementation: &str, seconds: u32, overlap: bool) -> Measure {
+fn fabric(implementation: &str, overlap: bool) -> Path {
     let mut t = Topology::new();
     let (a, b) = if overlap {
         (t.add_cluster("rome", 1), t.add_cluster("milan", 1))
@@ -105,7 +154,7 @@ fn fabric(implementation: &str, seconds: u32, overlap: bool) -> Measure {
     for i in [a, b] {
         let mut cfg = t.config(i, implementation);
         // Like the hand-made tunnel: no keepalive traffic during the measurement.
-        cfg["keepalive"] = serde_json::Value::Null;
+        cfg["keepalive"] = 0.into();
         if !overlap {
             cfg["local"]["podCidr"] = format!("10.{}.0.0/16", i + 1).into();
         }
@@ -118,19 +167,34 @@ fn fabric(implementation: &str, seconds: u32, overlap: bool) -> Measure {
         target,
         std::time::Duration::from_secs(5)
     ));
-    let m = measure(
-        &t.clusters[b].pods[0].ns,
-        &t.clusters[a].pods[0].ns,
+    Path {
+        server_ns: t.clusters[b].pods[0].ns.clone(),
+        client_ns: t.clusters[a].pods[0].ns.clone(),
+        gw: Some(t.clusters[a].gw.clone()),
         target,
-        seconds,
-    );
-    t.shutdown_all();
-    m
+        _guard: Box::new(FabricGuard(t)),
+    }
+}
+
+/// A hand-made tunnel: its device helpers, then its namespaces.
+struct HandGuard {
+    devices: Vec<Child>,
+    _topology: Topology,
+}
+
+impl Drop for HandGuard {
+    fn drop(&mut self) {
+        for d in &mut self.devices {
+            // Closing stdin makes the device helper remove its interface.
+            drop(d.stdin.take());
+            let _ = d.wait();
+        }
+    }
 }
 
 /// A hand-configured tunnel; `policy`: its route in table 1818 behind a policy rule, as the
 /// fabric routes (isolates the cost of policy routing).
-fn hand(implementation: &str, seconds: u32, policy: bool) -> Measure {
+fn hand(implementation: &str, policy: bool) -> Path {
     let mut t = Topology::new();
     let a = t.add_cluster_in("a", 1, 1);
     let b = t.add_cluster_in("b", 1, 2);
@@ -207,21 +271,19 @@ fn hand(implementation: &str, seconds: u32, policy: bool) -> Measure {
         target,
         std::time::Duration::from_secs(5)
     ));
-    let m = measure(
-        &t.clusters[b].pods[0].ns,
-        &t.clusters[a].pods[0].ns,
+    Path {
+        server_ns: t.clusters[b].pods[0].ns.clone(),
+        client_ns: t.clusters[a].pods[0].ns.clone(),
+        gw: Some(t.clusters[a].gw.clone()),
         target,
-        seconds,
-    );
-    for mut d in devices {
-        // Closing stdin makes the device helper remove its interface.
-        drop(d.stdin.take());
-        let _ = d.wait();
+        _guard: Box::new(HandGuard {
+            devices,
+            _topology: t,
+        }),
     }
-    m
 }
 
-fn veth(seconds: u32) -> Measure {
+fn veth() -> Path {
     let mut t = Topology::new();
     let (x, y) = (format!("lqvx{}", t.tag()), format!("lqvy{}", t.tag()));
     t.namespace(&x);
@@ -235,13 +297,86 @@ fn veth(seconds: u32) -> Measure {
     ok(&["ip", "-n", &y, "link", "set", "eth0", "up"]);
     let target: IpAddr = "10.9.0.2".parse().unwrap();
     assert!(wait_ping(&x, target, std::time::Duration::from_secs(5)));
-    measure(&y, &x, target, seconds)
+    Path {
+        server_ns: y,
+        client_ns: x,
+        target,
+        gw: None,
+        _guard: Box::new(t),
+    }
+}
+
+/// The NAT's own cost on one path, as a ratio of median RTTs: rules of the fabric's shape and
+/// size (identity rewrites, so the pods' addresses stay valid) loaded and removed between short
+/// ping bursts on the same tunnel. Unlike fabric/hand, nothing else differs between the two.
+fn nat_toggle(implementation: &str) -> f64 {
+    let path = fabric(implementation, false);
+    let guard = path._guard.downcast_ref::<FabricGuard>();
+    let t = &guard.expect("a fabric path").0;
+    let set = |on: bool| {
+        for (i, c) in t.clusters.iter().enumerate() {
+            let (l, r, iface) = (i + 1, 2 - i, &c.iface);
+            let mut script =
+                "table inet liqo-toggle {}\ndelete table inet liqo-toggle\n".to_owned();
+            if on {
+                script.push_str(&format!(
+                    "table inet liqo-toggle {{
+  chain prerouting {{
+    type filter hook prerouting priority raw; policy accept;
+    iifname \"{iface}\" ip saddr 10.{r}.0.0/16 ip daddr 10.{l}.0.0/16 ip daddr set ip daddr & 0.0.255.255 | 10.{l}.0.0 notrack
+  }}
+  chain postrouting {{
+    type filter hook postrouting priority srcnat; policy accept;
+    oifname \"{iface}\" ip saddr 10.{l}.0.0/16 ip daddr 10.{r}.0.0/16 ip saddr set ip saddr & 0.0.255.255 | 10.{l}.0.0
+  }}
+}}
+"
+                ));
+            }
+            let f = std::env::temp_dir().join(format!("liqo-toggle-{}.nft", c.gw));
+            std::fs::write(&f, script).unwrap();
+            ok_in(&c.gw, &["nft", "-f", f.to_str().unwrap()]);
+            let _ = std::fs::remove_file(f);
+        }
+    };
+    let (mut on, mut off) = (vec![], vec![]);
+    for k in 0..BURSTS * 2 {
+        for state in if k % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            set(state);
+            let v = pings(&path.client_ns, path.target, PINGS / BURSTS);
+            if state { on.extend(v) } else { off.extend(v) }
+        }
+    }
+    set(false);
+    median(on) / median(off)
 }
 
 /// The median; NaN for a case that did not run.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// "median (min .. max)" of ratios, as a percentage change.
+fn spread(ratios: &[f64]) -> String {
+    let pct = |r: f64| format!("{:+.1}%", (r - 1.0) * 100.0);
+    let min = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{} ({} .. {}, {} rounds)",
+        pct(median(ratios.to_vec())),
+        pct(min),
+        pct(max),
+        ratios.len()
+    )
 }
 
 fn main() {
@@ -272,25 +407,48 @@ fn main() {
     let wanted = |case: &str| only.is_empty() || only.iter().any(|w| case.contains(w.as_str()));
     let mut results: Vec<Vec<Measure>> = cases.iter().map(|_| vec![]).collect();
     for round in 1..=rounds {
-        for (i, case) in cases.iter().enumerate() {
-            if !wanted(case) {
-                continue;
+        // Every other round in reverse order, so no case is always set up or measured first.
+        let mut order: Vec<usize> = (0..cases.len()).filter(|&i| wanted(cases[i])).collect();
+        if round % 2 == 0 {
+            order.reverse();
+        }
+        // All the round's paths are up together and their pings interleave in short bursts:
+        // the machine's state drifts over seconds, and each path gets the same share of it.
+        let paths: Vec<(usize, Path)> = order
+            .iter()
+            .map(|&i| {
+                let path = match cases[i] {
+                    "fabric wireguard-go" => fabric("wireguard-go", true),
+                    "hand wireguard-go" => hand("wireguard-go", false),
+                    "hand-policy wireguard-go" => hand("wireguard-go", true),
+                    "fabric boringtun" => fabric("boringtun", true),
+                    "fabric-nonat wireguard-go" => fabric("wireguard-go", false),
+                    "hand boringtun" => hand("boringtun", false),
+                    "veth" => veth(),
+                    other => unreachable!("unknown case {other}"),
+                };
+                if let Some(gw) = &path.gw {
+                    dump(gw);
+                }
+                (i, path)
+            })
+            .collect();
+        let mut samples: Vec<Vec<f64>> = cases.iter().map(|_| vec![]).collect();
+        for _ in 0..BURSTS {
+            for (i, p) in &paths {
+                samples[*i].extend(pings(&p.client_ns, p.target, PINGS / BURSTS));
             }
-            let m = match *case {
-                "fabric wireguard-go" => fabric("wireguard-go", seconds, true),
-                "hand wireguard-go" => hand("wireguard-go", seconds, false),
-                "hand-policy wireguard-go" => hand("wireguard-go", seconds, true),
-                "fabric boringtun" => fabric("boringtun", seconds, true),
-                "fabric-nonat wireguard-go" => fabric("wireguard-go", seconds, false),
-                "hand boringtun" => hand("boringtun", seconds, false),
-                "veth" => veth(seconds),
-                other => unreachable!("unknown case {other}"),
+        }
+        for (i, p) in &paths {
+            let m = Measure {
+                gbits: iperf(&p.server_ns, &p.client_ns, p.target, seconds),
+                rtt_ms: median(std::mem::take(&mut samples[*i])),
             };
             eprintln!(
-                "round {round} {case:22} {:6.3} Gbit/s  rtt {:.3} ms",
-                m.gbits, m.rtt_ms
+                "round {round} {:26} {:6.3} Gbit/s  rtt {:.3} ms",
+                cases[*i], m.gbits, m.rtt_ms
             );
-            results[i].push(m);
+            results[*i].push(m);
         }
     }
     let med: Vec<(f64, f64)> = results
@@ -310,35 +468,37 @@ fn main() {
             writeln!(out, "| {case} | {g:.3} | {r:.3} |").unwrap();
         }
     }
-    // Load from other work drifts over minutes: compare each fabric run with the hand-made
-    // tunnel run right after it, and take the median of those paired ratios.
+    // Each fabric run is compared with the hand-made run of the same round (up at the same
+    // time, pings interleaved); the ratios' median is the result, min .. max its spread.
+    writeln!(
+        out,
+        "\n| against the hand-made tunnel | throughput | latency |\n|---|---|---|"
+    )
+    .unwrap();
     for (name, f, h) in [
-        ("wireguard-go", 0, 1),
-        ("boringtun", 2, 3),
-        ("wireguard-go without NAT (distinct CIDRs)", 5, 1),
-        ("hand-made wireguard-go tunnel with a policy rule", 6, 1),
+        ("fabric, wireguard-go", 0, 1),
+        ("fabric, boringtun", 2, 3),
+        ("fabric-nonat, wireguard-go", 5, 1),
+        ("hand-policy, wireguard-go", 6, 1),
     ] {
-        let tput = median(
-            results[f]
-                .iter()
-                .zip(&results[h])
-                .map(|(a, b)| a.gbits / b.gbits)
-                .collect(),
-        );
-        let lat = median(
-            results[f]
-                .iter()
-                .zip(&results[h])
-                .map(|(a, b)| a.rtt_ms / b.rtt_ms)
-                .collect(),
-        );
-        if tput.is_nan() {
+        let pairs = results[f].iter().zip(&results[h]);
+        let tput: Vec<f64> = pairs.clone().map(|(a, b)| a.gbits / b.gbits).collect();
+        let lat: Vec<f64> = pairs.map(|(a, b)| a.rtt_ms / b.rtt_ms).collect();
+        if tput.is_empty() {
             continue;
         }
+        writeln!(out, "| {name} | {:.3}x | {} |", median(tput), spread(&lat)).unwrap();
+    }
+    // The NAT's own cost, on one tunnel with its rules toggled.
+    for implementation in ["wireguard-go", "boringtun"] {
+        if !wanted(&format!("nat-toggle {implementation}")) {
+            continue;
+        }
+        let ratios: Vec<f64> = (0..rounds).map(|_| nat_toggle(implementation)).collect();
         writeln!(
             out,
-            "\n{name}: /hand throughput {tput:.3}x (median of paired runs), latency {:+.1}%",
-            (lat - 1.0) * 100.0
+            "\nNAT rules on/off on one {implementation} tunnel: latency {}",
+            spread(&ratios)
         )
         .unwrap();
     }
@@ -349,7 +509,7 @@ fn main() {
     };
     writeln!(
         out,
-        "fastest userspace backend through the fabric: {fastest}"
+        "fastest userspace backend through the fabric (throughput): {fastest}"
     )
     .unwrap();
 }

@@ -41,6 +41,7 @@ struct Config {
     reserved: Vec<String>,
     #[serde(default)]
     private_key: Option<String>,
+    /// Persistent keepalive in seconds; 0 turns it off; absent: the gateway's default.
     #[serde(default)]
     keepalive: Option<u16>,
     #[serde(default)]
@@ -152,7 +153,11 @@ async fn gateway(config: &str) -> Result<(), String> {
     }
     .map_err(|e| e.to_string())?;
     let mut gw = GatewayConfig::new(&c.interface, c.listen_port);
-    gw.persistent_keepalive = c.keepalive.or(gw.persistent_keepalive);
+    gw.persistent_keepalive = match c.keepalive {
+        Some(0) => None,
+        Some(k) => Some(k),
+        None => gw.persistent_keepalive,
+    };
     let config = FabricConfig {
         local: c.local,
         ipam,
