@@ -299,13 +299,16 @@ impl Drop for PeerState {
     }
 }
 
+type PeerSlot = Arc<tokio::sync::Mutex<Option<PeerState>>>;
+
 struct Ctx {
     client: Client,
     me: ClusterId,
     local: NetworkParameters,
     fabric: Arc<dyn GatewayFabric>,
     links: Links,
-    peers: tokio::sync::Mutex<BTreeMap<ClusterId, PeerState>>,
+    /// One lock per peer: a peer whose API server hangs delays only its own reconciles.
+    peers: Mutex<BTreeMap<ClusterId, PeerSlot>>,
     trigger: mpsc::UnboundedSender<ObjectRef<ForeignCluster>>,
     failures: Mutex<BTreeMap<String, u32>>,
     /// peer → ForeignCluster name, for triggers coming from the checker.
@@ -369,7 +372,7 @@ impl NetworkController {
             local,
             fabric: self.fabric.clone(),
             links: self.links.clone(),
-            peers: tokio::sync::Mutex::new(BTreeMap::new()),
+            peers: Mutex::new(BTreeMap::new()),
             trigger: trigger.clone(),
             failures: Mutex::default(),
             names: Mutex::default(),
@@ -413,7 +416,10 @@ impl NetworkController {
         forward.abort();
         drop(checker);
         // Stop the view watchers; the links themselves stay.
-        ctx.peers.lock().await.clear();
+        ctx.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         Ok(())
     }
 }
@@ -464,8 +470,15 @@ async fn reconcile(fc: Arc<ForeignCluster>, ctx: Arc<Ctx>) -> Result<Action, Net
         .unwrap_or_else(PoisonError::into_inner)
         .insert(peer.clone(), name.clone());
     add_finalizer(&ctx.client, &fc).await?;
-    let mut peers = ctx.peers.lock().await;
-    let state = peers.entry(peer.clone()).or_insert_with(|| PeerState {
+    let slot = ctx
+        .peers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(peer.clone())
+        .or_default()
+        .clone();
+    let mut peers = slot.lock().await;
+    let state = peers.get_or_insert_with(|| PeerState {
         fc_name: name.clone(),
         params: params.clone(),
         exchange: None,
@@ -654,7 +667,15 @@ async fn patch_finalizers(
 }
 
 async fn teardown(ctx: &Ctx, fc: &ForeignCluster, peer: &ClusterId) -> Result<(), NetError> {
-    let state = ctx.peers.lock().await.remove(peer);
+    let slot = ctx
+        .peers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(peer);
+    let state = match slot {
+        Some(slot) => slot.lock().await.take(),
+        None => None,
+    };
     let had_link = ctx.links.lock().links.contains_key(peer);
     let has_finalizer = fc.finalizers().iter().any(|f| f == FINALIZER);
     if state.is_none() && !had_link && !has_finalizer {
