@@ -12,7 +12,7 @@
 //! at once and the pings interleave in short bursts, so drifting load falls on all alike;
 //! fabric/hand ratios are per round, their median is reported with its spread. As root:
 //!
-//! `BENCH_ROUNDS=8 BENCH_SECONDS=4 nice -n -15 cargo bench -p liqo-wireguard-userspace --bench fabric`
+//! `BENCH_ROUNDS=8 BENCH_SECONDS=3 nice -n -15 cargo bench -p liqo-wireguard-userspace --bench fabric`
 //! (`BENCH_ROUNDS`, default 3; `BENCH_SECONDS` per iperf3 run, default 5; `BENCH_CASES=a,b`
 //! only the cases whose names contain a word; `BENCH_DUMP=1` prints each gateway's state).
 
@@ -40,7 +40,7 @@ struct Path {
     /// Gateway namespace of the client side (for BENCH_DUMP).
     gw: Option<String>,
     /// Tears the path down when dropped.
-    _guard: Box<dyn std::any::Any>,
+    guard: Box<dyn std::any::Any>,
 }
 
 fn iperf(server_ns: &str, client_ns: &str, target: IpAddr, seconds: u32) -> f64 {
@@ -172,7 +172,7 @@ fn fabric(implementation: &str, overlap: bool) -> Path {
         client_ns: t.clusters[a].pods[0].ns.clone(),
         gw: Some(t.clusters[a].gw.clone()),
         target,
-        _guard: Box::new(FabricGuard(t)),
+        guard: Box::new(FabricGuard(t)),
     }
 }
 
@@ -276,7 +276,7 @@ fn hand(implementation: &str, policy: bool) -> Path {
         client_ns: t.clusters[a].pods[0].ns.clone(),
         gw: Some(t.clusters[a].gw.clone()),
         target,
-        _guard: Box::new(HandGuard {
+        guard: Box::new(HandGuard {
             devices,
             _topology: t,
         }),
@@ -302,7 +302,7 @@ fn veth() -> Path {
         client_ns: x,
         target,
         gw: None,
-        _guard: Box::new(t),
+        guard: Box::new(t),
     }
 }
 
@@ -311,7 +311,7 @@ fn veth() -> Path {
 /// ping bursts on the same tunnel. Unlike fabric/hand, nothing else differs between the two.
 fn nat_toggle(implementation: &str) -> f64 {
     let path = fabric(implementation, false);
-    let guard = path._guard.downcast_ref::<FabricGuard>();
+    let guard = path.guard.downcast_ref::<FabricGuard>();
     let t = &guard.expect("a fabric path").0;
     let set = |on: bool| {
         for (i, c) in t.clusters.iter().enumerate() {
