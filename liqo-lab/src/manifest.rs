@@ -1,11 +1,16 @@
-//! Applying YAML manifests the way `kubectl apply --server-side -f` does, for the tests and
-//! demos that install `deploy/` into lab clusters.
+//! Applying YAML manifests the way `kubectl apply --server-side -f` does, and waiting until
+//! the RBAC they grant takes effect, for the tests and demos that install `deploy/` into lab
+//! clusters.
 
-use std::path::Path;
+use std::{path::Path, time::Duration};
+
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
 
 use kube::{
     Api, Client, ResourceExt,
-    api::{DynamicObject, GroupVersionKind, Patch, PatchParams},
+    api::{DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
     discovery::Scope,
 };
 
@@ -83,6 +88,40 @@ pub async fn apply_document(
         .await
         .map_err(|e| bad(&what, format!("applying: {e}")))?;
     Ok(what)
+}
+
+/// Waits until the authorizer lets `client`'s user do `attrs` (it learns of new roles and
+/// bindings through an informer, and nothing about that can be watched from outside: hence a
+/// short retry), for at most `within`.
+pub async fn wait_until_allowed(
+    client: &Client,
+    attrs: &ResourceAttributes,
+    within: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(attrs.clone()),
+            ..SelfSubjectAccessReviewSpec::default()
+        },
+        ..SelfSubjectAccessReview::default()
+    };
+    loop {
+        let answer = Api::<SelfSubjectAccessReview>::all(client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| bad(format!("access review of {attrs:?}"), e))?;
+        if answer.status.is_some_and(|s| s.allowed) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(bad(
+                format!("{attrs:?}"),
+                format!("still not allowed after {within:?}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[cfg(test)]

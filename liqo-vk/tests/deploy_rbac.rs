@@ -15,10 +15,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use k8s_openapi::{
     api::{
-        authorization::v1::{
-            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-            SubjectAccessReview, SubjectAccessReviewSpec,
-        },
+        authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
         core::v1::{ConfigMap, Container, Namespace, Node, Pod, PodSpec, Secret},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -210,8 +207,7 @@ fn attributes(
     }
 }
 
-/// Waits until the authorizer lets `client` do it (it learns of bindings through an informer;
-/// nothing to watch from outside, hence the short retry).
+/// Waits until the authorizer lets `client` do it.
 async fn wait_until_allowed(
     client: &Client,
     verb: &str,
@@ -219,26 +215,8 @@ async fn wait_until_allowed(
     resource: &str,
     namespace: Option<&str>,
 ) -> TestResult {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let review = SelfSubjectAccessReview {
-            spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(attributes(verb, group, resource, namespace)),
-                ..SelfSubjectAccessReviewSpec::default()
-            },
-            ..SelfSubjectAccessReview::default()
-        };
-        let answer = Api::<SelfSubjectAccessReview>::all(client.clone())
-            .create(&PostParams::default(), &review)
-            .await?;
-        if answer.status.is_some_and(|s| s.allowed) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("{verb} {resource} never allowed").into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let attrs = attributes(verb, group, resource, namespace);
+    Ok(liqo_lab::wait_until_allowed(client, &attrs, WAIT).await?)
 }
 
 /// Asks the API server (as the admin) whether the agent's ServiceAccount may do it.

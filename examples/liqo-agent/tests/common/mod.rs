@@ -9,12 +9,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::{
-        authorization::v1::{
-            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
-        },
-        core::v1::Secret,
-    },
+    api::{authorization::v1::ResourceAttributes, core::v1::Secret},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{Api, Client, api::PostParams};
@@ -49,31 +44,6 @@ async fn apply_doc(client: &Client, file: &str, doc: &serde_json::Value) -> Resu
         .await
         .map_err(|e| format!("deploy/{file}: {e}"))?;
     Ok(())
-}
-
-/// Waits until the authorizer lets `sa` do it (it learns of roles and bindings through an
-/// informer; there is nothing to watch from outside, hence the short retry).
-async fn wait_until_allowed(sa: &Client, attrs: ResourceAttributes) -> Result<(), Error> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let review = SelfSubjectAccessReview {
-            spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(attrs.clone()),
-                ..SelfSubjectAccessReviewSpec::default()
-            },
-            ..SelfSubjectAccessReview::default()
-        };
-        let answer = Api::<SelfSubjectAccessReview>::all(sa.clone())
-            .create(&PostParams::default(), &review)
-            .await?;
-        if answer.status.is_some_and(|s| s.allowed) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("the ServiceAccount was never allowed {attrs:?}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// One request per rule of `deploy/rbac.yaml` (its first verb, group, resource and name), in the
@@ -165,7 +135,7 @@ pub async fn install_deploy(cluster: &Cluster) -> Result<PathBuf, Error> {
     }
     let sa = cluster.user_client(SA_USER, &SA_GROUPS).await?;
     for attrs in one_request_per_rule()? {
-        wait_until_allowed(&sa, attrs).await?;
+        liqo_lab::wait_until_allowed(&sa, &attrs, WAIT).await?;
     }
     wait_for_guard(&sa).await?;
     Ok(cluster.user_kubeconfig(SA_USER, &SA_GROUPS)?)
