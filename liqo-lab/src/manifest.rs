@@ -124,6 +124,48 @@ pub async fn wait_until_allowed(
     }
 }
 
+/// Creates `obj` in `namespace` as `client`'s user, as a dry run, until the API server refuses
+/// it (an admission policy takes effect a moment after it is applied), for at most `within`;
+/// returns the refusal. Succeeding until then, or failing other than by a refusal, is an error.
+pub async fn wait_until_refused<K>(
+    client: &Client,
+    namespace: &str,
+    obj: &K,
+    within: Duration,
+) -> Result<kube::core::Status>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let what = format!(
+        "{} {namespace}/{}",
+        K::kind(&K::DynamicType::default()),
+        obj.meta().name.as_deref().unwrap_or_default()
+    );
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match Api::<K>::namespaced(client.clone(), namespace)
+            .create(&dry, obj)
+            .await
+        {
+            Err(kube::Error::Api(refusal)) => return Ok(*refusal),
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Ok(_) => return Err(bad(what, format!("still accepted after {within:?}"))),
+            Err(e) => return Err(bad(what, format!("creating (dry run): {e}"))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -772,19 +772,7 @@ async fn agent_rbac_grants_no_more() -> TestResult {
         ..PostParams::default()
     };
     // The guard takes effect once the API server has loaded it: wait for the first denial.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let denial = loop {
-        match Api::<Secret>::namespaced(sa.clone(), "kube-system")
-            .create(&dry, &secret)
-            .await
-        {
-            Err(kube::Error::Api(s)) => break s,
-            Ok(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            other => return Err(format!("writing a Secret in kube-system: {other:?}").into()),
-        }
-    };
+    let denial = liqo_lab::wait_until_refused(&sa, "kube-system", &secret, WAIT).await?;
     assert!(
         denial.message.contains("liqo-agent-guard"),
         "denied by the guard: {denial:?}"

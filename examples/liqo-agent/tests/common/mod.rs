@@ -12,7 +12,7 @@ use k8s_openapi::{
     api::{authorization::v1::ResourceAttributes, core::v1::Secret},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use kube::{Api, Client, api::PostParams};
+use kube::Client;
 use liqo_lab::Cluster;
 
 /// The tests' error type.
@@ -98,27 +98,13 @@ async fn wait_for_guard(sa: &Client) -> Result<(), Error> {
         },
         ..Secret::default()
     };
-    let dry = PostParams {
-        dry_run: true,
-        ..PostParams::default()
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        match Api::<Secret>::namespaced(sa.clone(), "kube-system")
-            .create(&dry, &probe)
-            .await
-        {
-            Err(kube::Error::Api(s)) if s.message.contains("liqo-agent-guard") => return Ok(()),
-            Ok(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            other => {
-                return Err(
-                    format!("the guard never refused a Secret in kube-system: {other:?}").into(),
-                );
-            }
-        }
+    let refusal = liqo_lab::wait_until_refused(sa, "kube-system", &probe, WAIT).await?;
+    if !refusal.message.contains("liqo-agent-guard") {
+        return Err(
+            format!("a Secret in kube-system was refused, not by the guard: {refusal:?}").into(),
+        );
     }
+    Ok(())
 }
 
 /// On `cluster`, as the admin: installs the liqo CRDs (the agents run with `installCrds: false`,
