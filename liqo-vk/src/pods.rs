@@ -392,6 +392,7 @@ impl Sides {
                         .max()
                         .unwrap_or(offset);
                     offset = shown + 1;
+                    tracing::debug!(pod = %name, %remote_uid, restarts = offset, "the provider recreated the remote pod");
                 }
                 let patch = json!({"metadata": {"annotations": {
                     names::REMOTE_POD_UID: remote_uid,

@@ -183,6 +183,9 @@ fn error_policy(sp: Arc<ShadowPod>, e: &VkError, _: Arc<Ctx>) -> Action {
 /// How often an up-to-date ShadowPod is checked again without an event.
 const RESYNC: Duration = Duration::from_secs(20);
 
+/// How often a ShadowPod whose pod is terminating is checked for the pod being gone.
+const TERMINATING_RECHECK: Duration = Duration::from_secs(1);
+
 async fn reconcile(sp: Arc<ShadowPod>, ctx: Arc<Ctx>) -> Result<Action, VkError> {
     if sp.metadata.deletion_timestamp.is_some() {
         // Its pod goes with it (owner reference) or was deleted by the consumer with its grace.
@@ -203,9 +206,14 @@ async fn reconcile(sp: Arc<ShadowPod>, ctx: Arc<Ctx>) -> Result<Action, VkError>
             tracing::warn!(namespace = %ns, pod = %name, "a pod of that name exists and is not this ShadowPod's");
             Ok(Action::requeue(Duration::from_secs(30)))
         }
-        // Being deleted (by someone else, or evicted): recreated once gone (the pod's deletion
-        // triggers us through the watch).
-        Some(p) if p.metadata.deletion_timestamp.is_some() => Ok(Action::await_change()),
+        // Being deleted (by someone else, or evicted): recreated once gone. The deletion event
+        // that triggers us may arrive before the pod store has seen it, so that trigger can
+        // still find the pod here, terminating; look again shortly rather than wait for an
+        // event that has already come (a store lookup, no API call).
+        Some(p) if p.metadata.deletion_timestamp.is_some() => {
+            tracing::debug!(namespace = %ns, pod = %name, "pod terminating; recreated once gone");
+            Ok(Action::requeue(TERMINATING_RECHECK))
+        }
         // Up to date. Look again in a while even without an event: the pod store is fed by
         // another watch than the one that triggers us, and a deletion it has not seen yet
         // would otherwise leave the pod lost for good (a store lookup, no API call).
@@ -241,6 +249,7 @@ async fn reconcile(sp: Arc<ShadowPod>, ctx: Arc<Ctx>) -> Result<Action, VkError>
             {
                 return Ok(Action::await_change());
             }
+            tracing::debug!(namespace = %ns, pod = %name, "creating the pod of a ShadowPod");
             create(&api, &desired, &ns, &name).await
         }
     }

@@ -2,7 +2,12 @@
 //! make, with a least-privilege consumer credential), waiting on watches, and small builders.
 #![allow(dead_code)]
 
-use std::{collections::BTreeMap, fmt::Debug, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use base64::Engine as _;
 use futures::StreamExt;
@@ -29,22 +34,67 @@ use liqo_core::{
     labels,
 };
 use liqo_lab::Cluster;
-use serde::de::DeserializeOwned;
+use serde::{Serialize, de::DeserializeOwned};
 
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 pub type BoxResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 pub const WAIT: Duration = Duration::from_secs(120);
 
+/// Where this test binary's logs go: the agents run on threads no test owns, so the test
+/// harness would not show their output; a timeout prints this file's tail instead.
+static LOG: OnceLock<std::path::PathBuf> = OnceLock::new();
+
+/// Sends all logs (the agents' included) to a file of this test binary; once per process.
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "liqo_vk=info,liqo_lab=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    LOG.get_or_init(|| {
+        let exe = std::env::current_exe().ok();
+        let bin = exe
+            .as_deref()
+            .and_then(|e| e.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "test".into());
+        // One file per test binary, overwritten by its next run: nothing piles up.
+        let bin = bin.split('-').next().unwrap_or("test").to_owned();
+        let path = std::env::temp_dir().join(format!("liqo-vk-{bin}.log"));
+        if let Ok(file) = std::fs::File::create(&path) {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "liqo_vk=debug,liqo_lab=info".into()),
+                )
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .try_init();
+        }
+        path
+    });
 }
+
+/// Prints, for the failing test's output, what a wait saw last and the tail of the log (where
+/// the agents say what they did), and returns the error the wait fails with.
+fn timed_out(
+    what: &str,
+    timeout: Duration,
+    last_seen: &str,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    eprintln!("=== timed out after {timeout:?} waiting for {what}\n=== last seen: {last_seen}");
+    if let Some(path) = LOG.get() {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LOG_LINES)..];
+        eprintln!(
+            "=== last {} lines of {}:\n{}",
+            tail.len(),
+            path.display(),
+            tail.join("\n")
+        );
+    }
+    format!("timed out after {timeout:?} waiting for {what} (details above)").into()
+}
+
+/// How much of the log a timeout prints.
+const LOG_LINES: usize = 150;
 
 pub fn id(s: &str) -> ClusterId {
     s.parse().expect("valid cluster id")
@@ -239,11 +289,11 @@ where
         _ => {
             let state = store.state();
             let names: Vec<String> = state.iter().map(|o| o.name_any()).collect();
-            Err(format!(
-                "timed out after {timeout:?} waiting for {what}; last seen {} objects: {names:?}",
-                state.len()
-            )
-            .into())
+            Err(timed_out(
+                what,
+                timeout,
+                &format!("{} objects: {names:?}", state.len()),
+            ))
         }
     }
 }
@@ -256,16 +306,30 @@ pub async fn wait_one<K>(
     cond: impl Fn(Option<&K>) -> bool,
 ) -> BoxResult<Option<K>>
 where
-    K: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+    K: Resource + Clone + Debug + DeserializeOwned + Serialize + Send + 'static,
 {
-    tokio::time::timeout(
+    match tokio::time::timeout(
         WAIT,
-        await_condition(api, name, move |o: Option<&K>| cond(o)),
+        await_condition(api.clone(), name, move |o: Option<&K>| cond(o)),
     )
     .await
-    .map_err(|_| format!("timed out after {WAIT:?} waiting for {what}"))?
-    .map_err(|e| e.into())
+    {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            // What the object looked like when the wait gave up, and what the agents did.
+            let last = match api.get_opt(name).await {
+                Ok(Some(mut o)) => {
+                    o.meta_mut().managed_fields = None;
+                    serde_json::to_string_pretty(&o).unwrap_or_default()
+                }
+                Ok(None) => "absent".into(),
+                Err(e) => format!("unreadable: {e}"),
+            };
+            Err(timed_out(what, WAIT, &format!("{name}: {last}")))
+        }
+    }
 }
+
 
 pub fn deployment(name: &str, replicas: i32, image: &str) -> Deployment {
     let l = BTreeMap::from([("app".to_owned(), name.to_owned())]);
