@@ -4,8 +4,9 @@
 //! - **hand**: a hand-configured tunnel with the same WireGuard implementation (`wg` and `ip`
 //!   by hand, distinct pod CIDRs, no NAT, no policy rules);
 //! - **veth**: two pods on a plain veth pair;
-//! - controls: **fabric-nonat** (our fabric, distinct CIDRs: no NAT rule), **hand-policy** (the
-//!   hand-made tunnel routed through a policy rule, as the fabric routes), and **nat-toggle**
+//! - controls: **fabric-nonat** (our fabric, distinct CIDRs: no NAT rule; both implementations),
+//!   **hand-policy** (the hand-made tunnel routed through a policy rule, as the fabric routes),
+//!   and **nat-toggle**
 //!   (one fabric tunnel with rules of the NAT's shape loaded and removed between ping bursts);
 //!
 //! for each userspace implementation (wireguard-go, boringtun). In each round every path is up
@@ -399,6 +400,7 @@ fn main() {
         "veth",
         "fabric-nonat wireguard-go",
         "hand-policy wireguard-go",
+        "fabric-nonat boringtun",
     ];
     // BENCH_CASES=a,b runs only the cases whose name contains one of the words (quick checks).
     let only: Vec<String> = std::env::var("BENCH_CASES")
@@ -423,6 +425,7 @@ fn main() {
                     "hand-policy wireguard-go" => hand("wireguard-go", true),
                     "fabric boringtun" => fabric("boringtun", true),
                     "fabric-nonat wireguard-go" => fabric("wireguard-go", false),
+                    "fabric-nonat boringtun" => fabric("boringtun", false),
                     "hand boringtun" => hand("boringtun", false),
                     "veth" => veth(),
                     other => unreachable!("unknown case {other}"),
@@ -479,6 +482,7 @@ fn main() {
         ("fabric, wireguard-go", 0, 1),
         ("fabric, boringtun", 2, 3),
         ("fabric-nonat, wireguard-go", 5, 1),
+        ("fabric-nonat, boringtun", 7, 3),
         ("hand-policy, wireguard-go", 6, 1),
     ] {
         let pairs = results[f].iter().zip(&results[h]);
