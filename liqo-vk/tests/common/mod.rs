@@ -330,7 +330,6 @@ where
     }
 }
 
-
 pub fn deployment(name: &str, replicas: i32, image: &str) -> Deployment {
     let l = BTreeMap::from([("app".to_owned(), name.to_owned())]);
     Deployment {
