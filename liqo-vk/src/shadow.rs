@@ -280,6 +280,39 @@ mod tests {
 
     use super::*;
 
+    /// The deletion of a pod triggers a reconcile through the controller's own watch, which can
+    /// run before the pod store (another watch) has seen the deletion: the store still holds
+    /// the pod, terminating. That reconcile must come back by itself, or the pod is never
+    /// recreated (no further event comes).
+    #[tokio::test]
+    async fn a_pod_seen_terminating_is_looked_at_again_soon() {
+        let mut sp = ShadowPod::new(
+            "web-1",
+            ShadowPodSpec {
+                template: PodTemplateSpec {
+                    metadata: None,
+                    spec: Some(PodSpec::default()),
+                },
+            },
+        );
+        sp.metadata.namespace = Some("shop-milan".into());
+        sp.metadata.uid = Some("u-1".into());
+        let mut pod = pod_for(&sp);
+        pod.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        let (pods, mut writer) = reflector::store();
+        writer.apply_watcher_event(&watcher::Event::Apply(pod));
+        // Never contacted: this branch decides from the store alone.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("a URL"));
+        let client = kube::Client::try_from(config).expect("a client");
+        let action = reconcile(Arc::new(sp), Arc::new(Ctx { client, pods }))
+            .await
+            .expect("no API call to fail");
+        assert_eq!(action, Action::requeue(TERMINATING_RECHECK));
+    }
+
     #[test]
     fn pod_follows_the_template() {
         let mut sp = ShadowPod::new(
