@@ -130,22 +130,59 @@ impl<B: WireGuardBackend, S: AllocationStore> WireGuardFabric<B, S> {
             gateway,
             learned: BTreeMap::new(),
         }));
-        // A daemon that restarted came back with an empty interface: configure it again.
+        // A daemon that restarted came back with an empty interface: configure it again. And
+        // every `resync`, compare the interface, routes, rules and NAT with what we made and
+        // make them again if another program changed them.
         let mut restarts = backend.restarts();
         let weak = Arc::downgrade(&inner);
+        let mut resync = gateway_config.resync.map(|every| {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
         let watcher = tokio::spawn(async move {
-            while restarts.changed().await.is_ok() {
+            // A backend that never recreates interfaces drops its sender at once.
+            let mut restarts_open = true;
+            loop {
+                if !restarts_open && resync.is_none() {
+                    return;
+                }
+                let restarted = tokio::select! {
+                    changed = restarts.changed(), if restarts_open => {
+                        if changed.is_err() {
+                            restarts_open = false;
+                            continue;
+                        }
+                        true
+                    }
+                    () = next_tick(resync.as_mut()) => false,
+                };
                 let Some(inner) = weak.upgrade() else { return };
                 let inner = inner.lock().await;
                 if inner.stopped {
                     return;
                 }
+                let interface = &inner.gateway.config().interface;
+                if !restarted {
+                    match inner.gateway.drift().await {
+                        Ok(drifted) if drifted.is_empty() => continue,
+                        Ok(drifted) => warn!(
+                            %interface, ?drifted,
+                            "gateway state changed by another program; making it again"
+                        ),
+                        Err(e) => {
+                            warn!(%interface, error = %e, "checking the gateway state failed");
+                            continue;
+                        }
+                    }
+                }
                 match inner.gateway.apply().await {
-                    Ok(()) => info!(
-                        interface = %inner.gateway.config().interface,
+                    Ok(()) if restarted => info!(
+                        %interface,
                         "WireGuard interface recreated by its backend; configuration reapplied"
                     ),
-                    Err(e) => warn!(error = %e, "reapplying after a backend restart failed"),
+                    Ok(()) => info!(%interface, "gateway state made again"),
+                    Err(e) => warn!(%interface, error = %e, "reapplying the gateway state failed"),
                 }
             }
         });
@@ -391,5 +428,15 @@ impl<B: WireGuardBackend, S: AllocationStore> GatewayFabric for WireGuardFabric<
 
     async fn shutdown(&self) -> Result<(), FabricError> {
         WireGuardFabric::shutdown(self).await
+    }
+}
+
+/// The next tick of an optional interval; never, without one.
+async fn next_tick(tick: Option<&mut tokio::time::Interval>) {
+    match tick {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }

@@ -11,7 +11,7 @@
 //! also how the gateway recovers when a userspace daemon restarted with an empty interface.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -47,11 +47,15 @@ pub struct GatewayConfig {
     /// A link whose last handshake is older than this is reported disconnected (WireGuard
     /// rekeys every two minutes while traffic or keepalives flow).
     pub handshake_timeout: Duration,
+    /// How often the interface, routes, rules and NAT are compared with what the gateway made,
+    /// and made again if another program changed them (a firewall reload flushing nftables,
+    /// a route cleanup); `None`: only on changes and backend restarts.
+    pub resync: Option<Duration>,
 }
 
 impl GatewayConfig {
     /// Defaults for interface `interface` listening on `listen_port`: MTU 1420, keepalive
-    /// 25 s, table `liqo-<interface>`, handshake timeout 180 s.
+    /// 25 s, table `liqo-<interface>`, handshake timeout 180 s, resync every 30 s.
     pub fn new(interface: &str, listen_port: u16) -> Self {
         Self {
             interface: interface.to_owned(),
@@ -61,6 +65,7 @@ impl GatewayConfig {
             routing: RoutingConfig::default(),
             nat_table: format!("liqo-{interface}"),
             handshake_timeout: Duration::from_secs(180),
+            resync: Some(Duration::from_secs(30)),
         }
     }
 
@@ -81,6 +86,11 @@ impl GatewayConfig {
         if self.persistent_keepalive == Some(0) {
             return Err(FabricError::InvalidConfig(
                 "persistent keepalive of 0 s: use None to disable it".into(),
+            ));
+        }
+        if self.resync.is_some_and(|d| d.is_zero()) {
+            return Err(FabricError::InvalidConfig(
+                "resync interval of 0 s: use None to disable it".into(),
             ));
         }
         Ok((name, NatTable::new(&self.nat_table)?))
@@ -110,6 +120,8 @@ pub struct Gateway<B: WireGuardBackend> {
     key: Key,
     netlink: Netlink,
     nat: NatTable,
+    /// The NAT table as `nft` listed it right after our last apply (`None`: no table).
+    nat_seen: std::sync::Mutex<Option<String>>,
     peers: BTreeMap<ClusterId, GatewayPeer>,
 }
 
@@ -151,6 +163,7 @@ impl<B: WireGuardBackend> Gateway<B> {
             iface,
             key: private_key,
             nat,
+            nat_seen: std::sync::Mutex::new(None),
             peers: BTreeMap::new(),
         };
         if let Err(e) = gw.apply().await {
@@ -374,7 +387,59 @@ impl<B: WireGuardBackend> Gateway<B> {
         self.netlink
             .sync_rules(&self.config.routing, &ranges)
             .await?;
-        self.nat.apply(&self.nat_peers()).await
+        self.nat.apply(&self.nat_peers()).await?;
+        let seen = self.nat.listing().await?;
+        *self.nat_seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        Ok(())
+    }
+
+    /// What of the gateway's state is no longer as [`apply`](Self::apply) made it: another
+    /// program flushed the NAT table, deleted a route or rule, or reconfigured the interface.
+    /// Empty when intact. Only reads.
+    pub async fn drift(&self) -> Result<Vec<&'static str>, FabricError> {
+        let Some(index) = self.netlink.link_index(&self.config.interface).await? else {
+            return Ok(vec!["interface"]);
+        };
+        let mut drifted = Vec::new();
+        if self.netlink.link_state(index).await? != Some((u32::from(self.config.mtu), true)) {
+            drifted.push("interface state");
+        }
+        // An interface that cannot be read (its daemon restarting) counts as changed.
+        if self
+            .device()
+            .await
+            .map_or(true, |dev| self.diff(&dev).is_some())
+        {
+            drifted.push("WireGuard configuration");
+        }
+        let ranges: BTreeSet<Cidr> = self.ranges().into_iter().collect();
+        let routes: BTreeSet<Cidr> = self
+            .netlink
+            .routes(&self.config.routing)
+            .await?
+            .into_iter()
+            .collect();
+        if routes != ranges {
+            drifted.push("routes");
+        }
+        let rules: BTreeSet<Cidr> = self
+            .netlink
+            .rules(&self.config.routing)
+            .await?
+            .into_iter()
+            .collect();
+        if rules != ranges {
+            drifted.push("policy rules");
+        }
+        let seen = self
+            .nat_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if self.nat.listing().await? != seen {
+            drifted.push("NAT");
+        }
+        Ok(drifted)
     }
 
     /// The link to `cluster` as the WireGuard interface reports it.

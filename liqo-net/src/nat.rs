@@ -164,13 +164,22 @@ impl NatTable {
 
     /// Whether the table exists in the current network namespace.
     pub async fn exists(&self) -> Result<bool, FabricError> {
+        Ok(self.listing().await?.is_some())
+    }
+
+    /// The table as `nft` lists it, `None` if it does not exist: what to compare with a
+    /// listing taken earlier to see whether anybody changed it.
+    pub async fn listing(&self) -> Result<Option<String>, FabricError> {
         let out = tokio::process::Command::new(&self.nft)
             .args(["list", "table", "inet", &self.name])
             .stdin(Stdio::null())
             .output()
             .await
             .map_err(|e| self.spawn_err(e))?;
-        Ok(out.status.success())
+        Ok(out
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
     }
 
     fn spawn_err(&self, e: std::io::Error) -> FabricError {

@@ -279,6 +279,9 @@ pub struct NetworkConfig {
     pub mtu: u16,
     /// WireGuard persistent keepalive in seconds (0: off). Default 25.
     pub keepalive_seconds: u16,
+    /// Seconds between checks that the gateway's interface, routes, rules and NAT are still as
+    /// it made them (remade if another program changed them; 0: off). Default 30.
+    pub resync_seconds: u64,
 }
 
 impl Default for NetworkConfig {
@@ -295,6 +298,7 @@ impl Default for NetworkConfig {
             reserved: vec![],
             mtu: 1420,
             keepalive_seconds: 25,
+            resync_seconds: 30,
         }
     }
 }

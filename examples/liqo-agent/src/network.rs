@@ -88,6 +88,8 @@ pub async fn fabric(
     let mut gateway = GatewayConfig::new(&n.interface, n.listen_port);
     gateway.mtu = n.mtu;
     gateway.persistent_keepalive = (n.keepalive_seconds > 0).then_some(n.keepalive_seconds);
+    gateway.resync =
+        (n.resync_seconds > 0).then(|| std::time::Duration::from_secs(n.resync_seconds));
     let mut ipam = IpamConfig::default();
     if !cfg.pools.is_empty() {
         ipam.pools = cfg.pools.clone();

@@ -300,6 +300,66 @@ fn stopped_boringtun_device_is_recreated_and_traffic_resumes() {
     }
 }
 
+/// Another program flushes the gateway's nftables ruleset, policy rules and routes (a firewall
+/// reload, a cleanup script): the gateway notices at its next resync, makes them again, and
+/// traffic resumes with no manual action.
+#[test]
+fn state_removed_by_another_program_is_made_again() {
+    let mut t = Topology::new();
+    let a = t.add_cluster("rome", 1);
+    let b = t.add_cluster("milan", 1);
+    for i in [a, b] {
+        let mut cfg = t.config(i, "wireguard-go");
+        cfg["resync"] = 1.into();
+        t.start_with(i, &cfg).unwrap();
+    }
+    let (la, lb) = t.link(a, b);
+    let (a1, b1) = (
+        t.clusters[a].pods[0].ns.clone(),
+        t.clusters[b].pods[0].ns.clone(),
+    );
+    t.echo_server(&b1, 7001);
+    let target = seen(&la, t.clusters[b].pods[0].ip);
+    assert!(ping(&a1, target, 2));
+    let (gw, iface) = (t.clusters[a].gw.clone(), t.clusters[a].iface.clone());
+    let table = format!("liqo-{iface}");
+    let rules = || ok_in(&gw, &["ip", "rule", "show", "pref", "1818"]);
+    let (nat_before, rules_before) = (
+        ok_in(&gw, &["nft", "list", "table", "inet", &table]),
+        rules(),
+    );
+    assert!(rules_before.contains("lookup 1818"), "{rules_before}");
+
+    ok_in(&gw, &["nft", "flush", "ruleset"]);
+    while in_ns(&gw, &["ip", "rule", "del", "pref", "1818"])
+        .status
+        .success()
+    {}
+    ok_in(&gw, &["ip", "route", "flush", "table", "1818"]);
+
+    assert!(
+        wait_ping(&a1, target, Duration::from_secs(20)),
+        "traffic did not resume after the gateway's state was flushed"
+    );
+    assert_eq!(
+        ok_in(&gw, &["nft", "list", "table", "inet", &table]),
+        nat_before,
+        "the NAT table is back as it was"
+    );
+    assert_eq!(rules(), rules_before, "the policy rules are back");
+    let (src, msg) = tcp(&a1, target, 7001, "again");
+    assert_eq!(msg, "again");
+    assert_eq!(
+        src,
+        seen(&lb, t.clusters[a].pods[0].ip).to_string(),
+        "double NAT again"
+    );
+    t.shutdown_all();
+    for c in &t.clusters {
+        assert_clean(&c.gw, &c.iface);
+    }
+}
+
 /// Bad configuration gives an error saying what is wrong, and nothing stays half-made.
 #[test]
 fn bad_configuration_is_refused_and_leaves_nothing() {

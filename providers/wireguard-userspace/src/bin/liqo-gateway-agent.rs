@@ -44,6 +44,10 @@ struct Config {
     /// Persistent keepalive in seconds; 0 turns it off; absent: the gateway's default.
     #[serde(default)]
     keepalive: Option<u16>,
+    /// Seconds between checks that the gateway's state is intact; 0 turns them off; absent:
+    /// the gateway's default.
+    #[serde(default)]
+    resync: Option<u64>,
     #[serde(default)]
     store_file: Option<String>,
 }
@@ -157,6 +161,11 @@ async fn gateway(config: &str) -> Result<(), String> {
         Some(0) => None,
         Some(k) => Some(k),
         None => gw.persistent_keepalive,
+    };
+    gw.resync = match c.resync {
+        Some(0) => None,
+        Some(s) => Some(std::time::Duration::from_secs(s)),
+        None => gw.resync,
     };
     let config = FabricConfig {
         local: c.local,
