@@ -309,7 +309,9 @@ status() {
 }
 
 down() {
-  [ -x "$BIN/liqo-lab" ] || cargo build --locked -q -p liqo-lab
+  # Always build: a binary left from an older checkout may not know what this one set up
+  # (seen: network namespaces left behind by a stale liqo-lab).
+  cargo build --locked -q -p liqo-lab
   stop_agents
   lab down
   rm -rf "$DEMO_DIR"
