@@ -282,7 +282,11 @@ impl<B: WireGuardBackend> Gateway<B> {
     }
 
     /// The WireGuard changes that make `dev` match the desired peers, or `None` if it does.
-    fn diff(&self, dev: &Device) -> Option<DeviceUpdate> {
+    /// The update that makes `dev` as configured. With `roaming`, a peer's endpoint that
+    /// differs from the configured one is left alone: WireGuard moves it to wherever the peer's
+    /// packets come from (a NAT in front of the peer), and re-adding the peer would drop its
+    /// session.
+    fn diff(&self, dev: &Device, roaming: bool) -> Option<DeviceUpdate> {
         let mut update = DeviceUpdate::new();
         let mut changed = false;
         if dev.public_key.as_ref() != Some(&self.key.get_public()) {
@@ -320,7 +324,9 @@ impl<B: WireGuardBackend> Gateway<B> {
                 have.sort();
                 have == want
                     && a.config.persistent_keepalive_interval.unwrap_or(0) == keepalive
-                    && (p.endpoint.is_none() || a.config.endpoint == p.endpoint)
+                    && (p.endpoint.is_none()
+                        || a.config.endpoint == p.endpoint
+                        || (roaming && a.config.endpoint.is_some()))
             });
             if same {
                 continue;
@@ -351,7 +357,7 @@ impl<B: WireGuardBackend> Gateway<B> {
         let name = self.backend.name().to_owned();
         self.backend.create(&self.config.interface).await?;
         let dev = self.device().await?;
-        if let Some(update) = self.diff(&dev) {
+        if let Some(update) = self.diff(&dev, false) {
             let (iface, control) = (self.iface, self.backend.control());
             tokio::task::spawn_blocking(move || update.apply(&iface, control))
                 .await
@@ -408,7 +414,7 @@ impl<B: WireGuardBackend> Gateway<B> {
         if self
             .device()
             .await
-            .map_or(true, |dev| self.diff(&dev).is_some())
+            .map_or(true, |dev| self.diff(&dev, true).is_some())
         {
             drifted.push("WireGuard configuration");
         }
