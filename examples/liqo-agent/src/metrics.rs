@@ -62,6 +62,9 @@ pub struct Metrics {
     queue_depth: Family<Labels, Gauge>,
     reconcile_seconds: Family<Labels, Histogram>,
     stores: std::sync::Mutex<Option<Stores>>,
+    /// One scrape at a time: a scrape clears and refills the gauges, and a concurrent one
+    /// would otherwise encode them half-filled.
+    scrape: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -157,6 +160,7 @@ impl Metrics {
             queue_depth,
             reconcile_seconds,
             stores: std::sync::Mutex::new(None),
+            scrape: std::sync::Mutex::new(()),
         });
         if !liqo_vk::queue::set_observer(Arc::new(Observer(metrics.clone()))) {
             tracing::debug!("a reflection observer is already installed");
@@ -217,6 +221,7 @@ impl Metrics {
 
     /// The text exposition, computed now.
     pub fn render(&self) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.refresh();
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

@@ -167,8 +167,10 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
     // Metrics show the peer and its virtual node.
     let body = until("the peer in /metrics", &agents, WAIT, || async {
         match http_get(&consumer.metrics, "/metrics").await {
+            // Each gauge comes from its own watch's store: wait for all the test reads.
             Ok((200, body))
-                if body.contains("peer=\"agent-prov\"")
+                if body.contains("liqo_peers{")
+                    && body.contains("peer=\"agent-prov\"")
                     && body.contains(&format!(
                         "liqo_virtual_node_ready{{node=\"{node}\",peer=\"agent-prov\"}} 1"
                     )) =>
