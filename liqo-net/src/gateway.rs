@@ -19,7 +19,7 @@ use std::{
 
 use liqo_core::{Cidr, CidrMapping, ClusterId, FabricError, LinkState, LinkStatus, WireGuardKey};
 use tracing::debug;
-use wireguard_control::{Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder};
+use wireguard_control::{Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder, PeerInfo};
 
 use crate::{
     backend::{WireGuardBackend, check_interface_name, public_key_of},
@@ -281,74 +281,13 @@ impl<B: WireGuardBackend> Gateway<B> {
             })
     }
 
-    /// The WireGuard changes that make `dev` match the desired peers, or `None` if it does.
-    /// The update that makes `dev` as configured. With `roaming`, a peer's endpoint that
-    /// differs from the configured one is left alone: WireGuard moves it to wherever the peer's
-    /// packets come from (a NAT in front of the peer), and re-adding the peer would drop its
-    /// session.
     fn diff(&self, dev: &Device, roaming: bool) -> Option<DeviceUpdate> {
-        let mut update = DeviceUpdate::new();
-        let mut changed = false;
-        if dev.public_key.as_ref() != Some(&self.key.get_public()) {
-            update = update.set_private_key(self.key.clone());
-            changed = true;
-        }
-        if dev.listen_port != Some(self.config.listen_port) {
-            update = update.set_listen_port(self.config.listen_port);
-            changed = true;
-        }
-        let desired: BTreeMap<[u8; 32], &GatewayPeer> = self
-            .peers
-            .values()
-            .map(|p| (*p.public_key.as_bytes(), p))
-            .collect();
-        for actual in &dev.peers {
-            if !desired.contains_key(&actual.config.public_key.0) {
-                update = update.remove_peer_by_key(&actual.config.public_key);
-                changed = true;
-            }
-        }
-        let keepalive = self.config.persistent_keepalive.unwrap_or(0);
-        for (bytes, p) in desired {
-            let key = Key(bytes);
-            let mut want: Vec<(IpAddr, u8)> = p.remote_ranges.iter().map(allowed).collect();
-            want.sort();
-            let actual = dev.peers.iter().find(|a| a.config.public_key == key);
-            let same = actual.is_some_and(|a| {
-                let mut have: Vec<(IpAddr, u8)> = a
-                    .config
-                    .allowed_ips
-                    .iter()
-                    .map(|ip| (ip.address, ip.cidr))
-                    .collect();
-                have.sort();
-                have == want
-                    && a.config.persistent_keepalive_interval.unwrap_or(0) == keepalive
-                    && (p.endpoint.is_none()
-                        || a.config.endpoint == p.endpoint
-                        || (roaming && a.config.endpoint.is_some()))
-            });
-            if same {
-                continue;
-            }
-            if actual.is_some() {
-                // Remove and re-add in one transaction: boringtun cannot modify a peer.
-                update = update.remove_peer_by_key(&key);
-            }
-            let mut b = PeerConfigBuilder::new(&key).replace_allowed_ips();
-            for (addr, len) in &want {
-                b = b.add_allowed_ip(*addr, *len);
-            }
-            if let Some(ep) = p.endpoint {
-                b = b.set_endpoint(ep);
-            }
-            if keepalive > 0 {
-                b = b.set_persistent_keepalive_interval(keepalive);
-            }
-            update = update.add_peer(b);
-            changed = true;
-        }
-        changed.then_some(update)
+        let have = (
+            dev.public_key.as_ref(),
+            dev.listen_port,
+            dev.peers.as_slice(),
+        );
+        device_update(&self.key, &self.config, &self.peers, have, roaming)
     }
 
     /// Makes interface, WireGuard peers, routes, rules and NAT match the desired state.
@@ -509,5 +448,162 @@ impl<B: WireGuardBackend> Gateway<B> {
     /// (and a userspace daemon with its socket). Every step is attempted; idempotent.
     pub async fn stop(&self) -> Result<(), FabricError> {
         self.teardown().await
+    }
+}
+
+/// The WireGuard changes that make a device with public key, listen port and peers `have`
+/// match `key`, `config` and `peers`, or `None` if it does. With `roaming`, a peer's endpoint that differs from the configured one is left alone:
+/// WireGuard moves it to wherever the peer's packets come from (a NAT in front of the peer),
+/// and re-adding the peer would drop its session.
+fn device_update(
+    key: &Key,
+    config: &GatewayConfig,
+    peers: &BTreeMap<ClusterId, GatewayPeer>,
+    have: (Option<&Key>, Option<u16>, &[PeerInfo]),
+    roaming: bool,
+) -> Option<DeviceUpdate> {
+    let (public_key, listen_port, actual_peers) = have;
+    let mut update = DeviceUpdate::new();
+    let mut changed = false;
+    if public_key != Some(&key.get_public()) {
+        update = update.set_private_key(key.clone());
+        changed = true;
+    }
+    if listen_port != Some(config.listen_port) {
+        update = update.set_listen_port(config.listen_port);
+        changed = true;
+    }
+    let desired: BTreeMap<[u8; 32], &GatewayPeer> = peers
+        .values()
+        .map(|p| (*p.public_key.as_bytes(), p))
+        .collect();
+    for actual in actual_peers {
+        if !desired.contains_key(&actual.config.public_key.0) {
+            update = update.remove_peer_by_key(&actual.config.public_key);
+            changed = true;
+        }
+    }
+    let keepalive = config.persistent_keepalive.unwrap_or(0);
+    for (bytes, p) in desired {
+        let key = Key(bytes);
+        let mut want: Vec<(IpAddr, u8)> = p.remote_ranges.iter().map(allowed).collect();
+        want.sort();
+        let actual = actual_peers.iter().find(|a| a.config.public_key == key);
+        let same = actual.is_some_and(|a| {
+            let mut have: Vec<(IpAddr, u8)> = a
+                .config
+                .allowed_ips
+                .iter()
+                .map(|ip| (ip.address, ip.cidr))
+                .collect();
+            have.sort();
+            have == want
+                && a.config.persistent_keepalive_interval.unwrap_or(0) == keepalive
+                && (p.endpoint.is_none()
+                    || a.config.endpoint == p.endpoint
+                    || (roaming && a.config.endpoint.is_some()))
+        });
+        if same {
+            continue;
+        }
+        if actual.is_some() {
+            // Remove and re-add in one transaction: boringtun cannot modify a peer.
+            update = update.remove_peer_by_key(&key);
+        }
+        let mut b = PeerConfigBuilder::new(&key).replace_allowed_ips();
+        for (addr, len) in &want {
+            b = b.add_allowed_ip(*addr, *len);
+        }
+        if let Some(ep) = p.endpoint {
+            b = b.set_endpoint(ep);
+        }
+        if keepalive > 0 {
+            b = b.set_persistent_keepalive_interval(keepalive);
+        }
+        update = update.add_peer(b);
+        changed = true;
+    }
+    changed.then_some(update)
+}
+
+#[cfg(test)]
+mod tests {
+    use wireguard_control::AllowedIp;
+
+    use super::*;
+
+    fn peer(key: &Key, endpoint: &str, range: &str) -> GatewayPeer {
+        GatewayPeer {
+            cluster: "milan".parse().unwrap(),
+            public_key: public_key_of(key),
+            endpoint: Some(endpoint.parse().unwrap()),
+            remote_ranges: vec![range.parse().unwrap()],
+            local_mappings: vec![],
+        }
+    }
+
+    /// The peers of a device as `apply` leaves them for `config` and `p`, WireGuard having
+    /// moved the peer's endpoint to `seen_at`.
+    fn device_peers(config: &GatewayConfig, p: &GatewayPeer, seen_at: &str) -> Vec<PeerInfo> {
+        let r = p.remote_ranges[0];
+        let mut info = PeerInfo::from_public_key(Key(*p.public_key.as_bytes()));
+        info.config.endpoint = Some(seen_at.parse().unwrap());
+        info.config.persistent_keepalive_interval = config.persistent_keepalive;
+        info.config.allowed_ips = vec![AllowedIp {
+            address: r.net().network(),
+            cidr: r.prefix_len(),
+        }];
+        vec![info]
+    }
+
+    #[test]
+    fn a_roamed_endpoint_is_not_drift_but_other_changes_are() {
+        let (own, theirs) = (Key::generate_private(), Key::generate_private());
+        let public = own.get_public();
+        let config = GatewayConfig::new("liqo-test", 51820);
+        let p = peer(&theirs, "192.0.2.1:51820", "10.70.0.0/16");
+        let peers = BTreeMap::from([(p.cluster.clone(), p.clone())]);
+        let check = |port: u16, have: &[PeerInfo], roaming| {
+            device_update(
+                &own,
+                &config,
+                &peers,
+                (Some(&public), Some(port), have),
+                roaming,
+            )
+            .is_some()
+        };
+
+        let same = device_peers(&config, &p, "192.0.2.1:51820");
+        assert!(
+            !check(51820, &same, false) && !check(51820, &same, true),
+            "as applied"
+        );
+
+        // The peer's packets came from another address (a NAT in front of it).
+        let roamed = device_peers(&config, &p, "198.51.100.7:40001");
+        assert!(
+            check(51820, &roamed, false),
+            "applying a new config sets the endpoint"
+        );
+        assert!(
+            !check(51820, &roamed, true),
+            "the drift check leaves roaming alone"
+        );
+
+        let mut narrowed = same.clone();
+        narrowed[0].config.allowed_ips[0].cidr = 24;
+        assert!(
+            check(51820, &narrowed, true),
+            "changed allowed-ips are drift"
+        );
+
+        let mut extra = same.clone();
+        extra.push(PeerInfo::from_public_key(
+            Key::generate_private().get_public(),
+        ));
+        assert!(check(51820, &extra, true), "a peer we did not add is drift");
+
+        assert!(check(51821, &same, true), "another listen port is drift");
     }
 }
