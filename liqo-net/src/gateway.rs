@@ -358,23 +358,14 @@ impl<B: WireGuardBackend> Gateway<B> {
             drifted.push("WireGuard configuration");
         }
         let ranges: BTreeSet<Cidr> = self.ranges().into_iter().collect();
-        let routes: BTreeSet<Cidr> = self
-            .netlink
-            .routes(&self.config.routing)
-            .await?
-            .into_iter()
-            .collect();
-        if routes != ranges {
-            drifted.push("routes");
-        }
-        let rules: BTreeSet<Cidr> = self
-            .netlink
-            .rules(&self.config.routing)
-            .await?
-            .into_iter()
-            .collect();
-        if rules != ranges {
-            drifted.push("policy rules");
+        let cfg = &self.config.routing;
+        for (what, ours) in [
+            ("routes", self.netlink.routes(cfg).await?),
+            ("policy rules", self.netlink.rules(cfg).await?),
+        ] {
+            if ours.into_iter().collect::<BTreeSet<_>>() != ranges {
+                drifted.push(what);
+            }
         }
         let seen = self
             .nat_seen
