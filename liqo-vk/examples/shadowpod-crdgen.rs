@@ -1,5 +1,7 @@
 //! Writes the ShadowPod CRD (`liqo_vk::shadow::shadow_pod_crd`) into
-//! `deploy/crds/shadowpods.liqo.io.yaml` (or into the directory given as first argument).
+//! `deploy/crds/shadowpods.liqo.io.yaml` (or into the directory given as first argument), and
+//! the ShadowPod security policy (`liqo_vk::security::POLICY_YAML`) into
+//! `deploy/shadowpod-security.yaml` (the parent of that directory).
 //!
 //! `cargo run -p liqo-vk --example shadowpod-crdgen`
 //!
@@ -31,5 +33,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         format!("{HEADER}{}", serde_yaml_ng::to_string(&crd)?),
     )?;
     println!("wrote {}", path.display());
+    let policy = dir.parent().unwrap_or(&dir).join("shadowpod-security.yaml");
+    std::fs::write(
+        &policy,
+        format!("{HEADER}{}", liqo_vk::security::POLICY_YAML),
+    )?;
+    println!("wrote {}", policy.display());
     Ok(())
 }

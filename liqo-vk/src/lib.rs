@@ -31,6 +31,7 @@ mod provider;
 pub mod queue;
 pub mod reflection;
 mod reflections;
+pub mod security;
 pub mod selector;
 pub mod shadow;
 mod virtual_node;

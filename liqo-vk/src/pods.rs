@@ -16,14 +16,18 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use k8s_openapi::{
-    api::core::v1::{Pod, PodSpec, PodStatus, PodTemplateSpec, SecretVolumeSource, Volume},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    api::core::v1::{
+        Pod, PodCondition, PodSpec, PodStatus, PodTemplateSpec, SecretVolumeSource, Volume,
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    jiff::Timestamp,
 };
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy},
     runtime::{
         WatchStreamExt,
+        events::{Event, EventType, Recorder, Reporter},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -38,8 +42,20 @@ use crate::{
     names::{self, FIELD_MANAGER},
     queue::{self, Requeue, WorkQueue},
     reflection::{EngineConfig, digest},
-    shadow::{ShadowPod, ShadowPodSpec},
+    security,
+    shadow::{self, ShadowPod, ShadowPodSpec},
 };
+
+/// Condition on a local pod: `False` while its provider refuses to run it (reason
+/// [`REASON_REFUSED`]) or would refuse it now (reason `PodSecurityLevelChanged`); absent when
+/// all is well.
+pub const OFFLOADING_ADMITTED: &str = "OffloadingAdmitted";
+
+/// Reason (condition, event, and the pod's own `status.reason`) of a pod its provider refused.
+pub const REASON_REFUSED: &str = "OffloadingRefused";
+
+/// How often a refused pod is offered again (the provider's admin may change its level).
+const REFUSED_RECHECK: Duration = Duration::from_secs(120);
 
 /// The `liqo.io/reflector` value of ShadowPods and remote pods.
 pub const POD_REFLECTOR: &str = "pod";
@@ -85,6 +101,8 @@ struct Sides {
     shadow_api: Api<ShadowPod>,
     remote_pods: Store<Pod>,
     remote_pod_api: Api<Pod>,
+    /// Events on local pods.
+    recorder: Recorder,
 }
 
 fn kube_err(
@@ -225,6 +243,7 @@ impl Sides {
                     spec: pod.spec.as_ref().map(remote_pod_spec),
                 },
             },
+            status: None,
         };
         let hash = digest(&shadow);
         shadow
@@ -337,20 +356,55 @@ impl Sides {
         }
         let desired = self.desired_shadow(&local, &uid);
         let want_hash = desired.annotations().get(names::REFLECTION_HASH);
+        // What the provider says of the ShadowPod it has (a refusal of a spec we replace below
+        // no longer holds).
+        let mut refused = rs
+            .as_deref()
+            .and_then(shadow::refusal)
+            .map(|(reason, message)| {
+                let reason = if reason == shadow::REASON_LEVEL_CHANGED {
+                    reason
+                } else {
+                    REASON_REFUSED
+                };
+                (reason, self.refused_by_provider(message))
+            });
         if rs
             .as_ref()
             .map(|r| r.annotations().get(names::REFLECTION_HASH))
             != Some(want_hash)
         {
-            self.shadow_api
+            refused = None;
+            match self
+                .shadow_api
                 .patch(
                     &key,
                     &PatchParams::apply(FIELD_MANAGER).force(),
                     &Patch::Apply(&desired),
                 )
                 .await
-                .map_err(|e| kube_err(&self.scope, "ShadowPod", &key, e))?;
+            {
+                Ok(_) => {}
+                // The provider's admission policy: no retry helps until the spec or the
+                // provider's level changes.
+                Err(kube::Error::Api(s))
+                    if matches!(s.code, 403 | 422) && s.message.contains("denied request") =>
+                {
+                    refused = Some((
+                        REASON_REFUSED,
+                        self.refused_by_provider(security::refusal_reason(&s.message)),
+                    ));
+                }
+                Err(e) => return Err(kube_err(&self.scope, "ShadowPod", &key, e)),
+            }
         }
+        let admission = refused.map(|(reason, message)| PodCondition {
+            type_: OFFLOADING_ADMITTED.to_owned(),
+            status: "False".to_owned(),
+            reason: Some(reason.to_owned()),
+            message: Some(message),
+            ..PodCondition::default()
+        });
 
         // The remote pod: newest live one (an old one may still be terminating).
         let mut remote: Vec<Arc<Pod>> = self
@@ -365,13 +419,82 @@ impl Sides {
             )
         });
         let Some(remote) = remote.pop() else {
-            return Ok(Requeue::Done);
+            self.report_refusal(&local, admission.as_ref()).await?;
+            // A refusal stands until the spec (an event) or the provider's level changes.
+            return Ok(if admission.is_some() {
+                Requeue::After(REFUSED_RECHECK)
+            } else {
+                Requeue::Done
+            });
         };
-        self.update_local_status(&local, &remote).await?;
+        self.update_local_status(&local, &remote, admission).await?;
         Ok(Requeue::Done)
     }
 
-    async fn update_local_status(&self, local: &Pod, remote: &Pod) -> Result<(), ReflectionError> {
+    fn refused_by_provider(&self, why: &str) -> String {
+        format!(
+            "provider {} refused the pod: {why}",
+            self.scope.remote_cluster
+        )
+    }
+
+    /// Shows a refusal on a local pod that has no remote pod: condition
+    /// [`OFFLOADING_ADMITTED`], the pod's reason (what `kubectl get pods` prints) and an event;
+    /// or takes them away once the refusal is over.
+    async fn report_refusal(
+        &self,
+        local: &Pod,
+        admission: Option<&PodCondition>,
+    ) -> Result<(), ReflectionError> {
+        let name = local.name_any();
+        let current = local
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == OFFLOADING_ADMITTED));
+        let patch = match (admission, current) {
+            (Some(want), Some(have))
+                if want.reason == have.reason && want.message == have.message =>
+            {
+                return Ok(());
+            }
+            (Some(want), _) => {
+                let message = want.message.clone().unwrap_or_default();
+                tracing::warn!(pod = %name, namespace = %self.scope.local_namespace, %message, "offloading refused");
+                self.recorder
+                    .publish(
+                        &Event {
+                            type_: EventType::Warning,
+                            reason: REASON_REFUSED.to_owned(),
+                            note: Some(message.clone()),
+                            action: "Offload".to_owned(),
+                            secondary: None,
+                        },
+                        &local.object_ref(&()),
+                    )
+                    .await
+                    .unwrap_or_else(|e| tracing::debug!(error = %e, "publishing an event failed"));
+                let mut cond = want.clone();
+                cond.last_transition_time = Some(Time(Timestamp::now()));
+                json!({"status": {"reason": REASON_REFUSED, "message": message, "conditions": [cond]}})
+            }
+            (None, Some(_)) => json!({"status": {"reason": null, "message": null,
+                "conditions": [{"type": OFFLOADING_ADMITTED, "$patch": "delete"}]}}),
+            (None, None) => return Ok(()),
+        };
+        self.local_api
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+            .map_err(|e| kube_err(&self.scope, "Pod", &name, e))?;
+        Ok(())
+    }
+
+    async fn update_local_status(
+        &self,
+        local: &Pod,
+        remote: &Pod,
+        admission: Option<PodCondition>,
+    ) -> Result<(), ReflectionError> {
         let name = local.name_any();
         let remote_uid = remote.uid().unwrap_or_default();
         let ann = local.annotations();
@@ -434,9 +557,23 @@ impl Sides {
                 .map(|ip| json!({"ip": ip}))
                 .collect::<Vec<_>>()
         });
+        let mut conditions = rs.conditions.clone();
+        if let Some(mut a) = admission {
+            // Keep the time it was first shown, so an unchanged report is no change.
+            a.last_transition_time = local
+                .status
+                .iter()
+                .flat_map(|s| s.conditions.iter().flatten())
+                .find(|c| c.type_ == OFFLOADING_ADMITTED && c.reason == a.reason)
+                .map_or_else(
+                    || Some(Time(Timestamp::now())),
+                    |c| c.last_transition_time.clone(),
+                );
+            conditions.get_or_insert_with(Vec::new).push(a);
+        }
         let desired = json!({
             "phase": rs.phase,
-            "conditions": rs.conditions,
+            "conditions": conditions,
             "containerStatuses": with_offset(&rs.container_statuses),
             "initContainerStatuses": with_offset(&rs.init_container_statuses),
             "podIP": pod_ip,
@@ -516,6 +653,10 @@ impl ResourceReflector for PodReflector {
             shadow_api: shadow_api.clone(),
             remote_pods: remote_pods.clone(),
             remote_pod_api: remote_pod_api.clone(),
+            recorder: Recorder::new(
+                scope.local.clone(),
+                Reporter::from(format!("liqo-vk-{}", self.local_cluster)),
+            ),
         });
 
         // After any re-list, look at every pod and ShadowPod again.

@@ -42,6 +42,7 @@ use crate::{
     VkError,
     error::{KubeContext, is_not_found},
     names::{self, FIELD_MANAGER},
+    security::{self, PodSecurity},
 };
 
 fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
@@ -128,6 +129,9 @@ pub fn offloading_core_cluster_role() -> ClusterRole {
 struct Ctx {
     client: kube::Client,
     recorder: Recorder,
+    security: PodSecurity,
+    /// The Pod Security Standards version twin namespaces pin.
+    psa_version: String,
 }
 
 /// The provider side of liqo-vk: the `RemoteNamespace` controller.
@@ -136,6 +140,7 @@ pub struct ProviderAgent {
     client: kube::Client,
     me: ClusterId,
     shadow_concurrency: u16,
+    security: PodSecurity,
 }
 
 impl std::fmt::Debug for ProviderAgent {
@@ -154,7 +159,14 @@ impl ProviderAgent {
             client,
             me,
             shadow_concurrency: 32,
+            security: PodSecurity::default(),
         }
+    }
+
+    /// The pod security levels consumers are held to (default: `baseline` for all).
+    pub fn pod_security(mut self, security: PodSecurity) -> Self {
+        self.security = security;
+        self
     }
 
     /// How many ShadowPods are reconciled at once (default 32).
@@ -179,21 +191,33 @@ impl ProviderAgent {
                 .await
                 .ctx(|| format!("applying ClusterRole {name}"))?;
         }
+        crate::shadow::install_crd(&self.client).await?;
+        security::install_policy(&self.client).await?;
+        let psa_version = security::resolve_version(&self.security, &self.client).await?;
         let ctx = Arc::new(Ctx {
             client: self.client.clone(),
             recorder: Recorder::new(
                 self.client.clone(),
                 Reporter::from(format!("liqo-vk-{}", self.me)),
             ),
+            security: self.security.clone(),
+            psa_version,
         });
-        crate::shadow::install_crd(&self.client).await?;
-        tracing::info!(cluster = %self.me, "provider agent started");
+        tracing::info!(
+            cluster = %self.me,
+            pod_security = %self.security.default,
+            overrides = self.security.per_consumer.len(),
+            version = %ctx.psa_version,
+            "provider agent started"
+        );
         let cancel = tokio_util::sync::CancellationToken::new();
         let stop = cancel.clone();
-        let shadows =
-            crate::shadow::run(self.client.clone(), self.shadow_concurrency, async move {
-                stop.cancelled().await
-            });
+        let shadows = crate::shadow::run(
+            self.client.clone(),
+            self.shadow_concurrency,
+            ctx.recorder.clone(),
+            async move { stop.cancelled().await },
+        );
         let namespaces = Controller::new(
             Api::<RemoteNamespace>::all(self.client.clone()),
             watcher::Config::default(),
@@ -319,11 +343,14 @@ async fn apply(rn: &RemoteNamespace, ctx: &Ctx) -> Result<Action, VkError> {
     }
     let twin = &rn.spec.namespace;
     let owner = owner_key(rn);
-    if let Some(existing) = namespaces
+    let existing = namespaces
         .get_opt(twin)
         .await
-        .ctx(|| format!("reading namespace {twin}"))?
-    {
+        .ctx(|| format!("reading namespace {twin}"))?;
+    let previous_level = existing
+        .as_ref()
+        .and_then(|n| security::enforced_level(n.labels()).map(str::to_owned));
+    if let Some(existing) = existing {
         let ours = existing.annotations().get(names::REMOTE_NAMESPACE_OWNER) == Some(&owner);
         if !ours || existing.metadata.deletion_timestamp.is_some() {
             let message = if ours {
@@ -342,16 +369,18 @@ async fn apply(rn: &RemoteNamespace, ctx: &Ctx) -> Result<Action, VkError> {
             return Ok(Action::requeue(Duration::from_secs(10)));
         }
     }
+    let mut ns_labels = BTreeMap::from([
+        (labels::REMOTE_CLUSTER_ID.to_owned(), consumer.to_string()),
+        (
+            labels::MANAGED_BY.to_owned(),
+            names::MANAGED_BY_VALUE.to_owned(),
+        ),
+    ]);
+    ns_labels.extend(ctx.security.namespace_labels(consumer, &ctx.psa_version));
     let ns = Namespace {
         metadata: ObjectMeta {
             name: Some(twin.clone()),
-            labels: Some(BTreeMap::from([
-                (labels::REMOTE_CLUSTER_ID.to_owned(), consumer.to_string()),
-                (
-                    labels::MANAGED_BY.to_owned(),
-                    names::MANAGED_BY_VALUE.to_owned(),
-                ),
-            ])),
+            labels: Some(ns_labels),
             annotations: Some(BTreeMap::from([(
                 names::REMOTE_NAMESPACE_OWNER.to_owned(),
                 owner.clone(),
@@ -368,6 +397,11 @@ async fn apply(rn: &RemoteNamespace, ctx: &Ctx) -> Result<Action, VkError> {
         )
         .await
         .ctx(|| format!("applying namespace {twin}"))?;
+    let level = ctx.security.level_for(consumer);
+    if previous_level.is_some_and(|p| p != level.as_str()) {
+        tracing::info!(namespace = %twin, %consumer, %level, "pod security level changed: checking the pods already offloaded");
+        security::report_existing(&ctx.client, &ctx.recorder, twin).await?;
+    }
     let user = names::consumer_user(consumer);
     let binding = RoleBinding {
         metadata: ObjectMeta {

@@ -24,12 +24,16 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt, conditions,
         controller::Action,
+        events::{Event, EventType, Recorder},
         reflector::{self, ObjectRef, Store},
         wait::await_condition,
         watcher,
     },
 };
-use liqo_core::labels;
+use liqo_core::{
+    conditions::{self as conds, Condition, Status},
+    labels,
+};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -59,7 +63,9 @@ fn any_object(_: &mut SchemaGenerator) -> Schema {
     kind = "ShadowPod",
     plural = "shadowpods",
     namespaced,
+    status = "ShadowPodStatus",
     printcolumn = r#"{"name":"Origin","type":"string","jsonPath":".metadata.annotations.liqo\\.io/origin-pod"}"#,
+    printcolumn = r#"{"name":"Admitted","type":"string","jsonPath":".status.conditions[?(@.type==\"Admitted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -67,6 +73,60 @@ pub struct ShadowPodSpec {
     /// The pod to run.
     #[schemars(schema_with = "any_object")]
     pub template: PodTemplateSpec,
+}
+
+/// What the provider says about a ShadowPod. Written only when something is wrong, so a
+/// thousand healthy ShadowPods cost no status writes.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShadowPodStatus {
+    /// [`ADMITTED`] `False` while the provider refuses to run the pod (or would refuse it now).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Condition type on a ShadowPod: `False` when the provider's pod security level forbids its
+/// pod; absent when all is well.
+pub const ADMITTED: &str = "Admitted";
+
+/// [`ADMITTED`] reason: the pod cannot be created under the namespace's pod security level.
+pub const REASON_POD_SECURITY: &str = "PodSecurity";
+
+/// [`ADMITTED`] reason: the pod runs, but the provider's level changed and forbids it now.
+pub const REASON_LEVEL_CHANGED: &str = "PodSecurityLevelChanged";
+
+/// The refusal a ShadowPod's status reports, if any: `(reason, message)`.
+pub fn refusal(sp: &ShadowPod) -> Option<(&str, &str)> {
+    let c = conds::find(&sp.status.as_ref()?.conditions, ADMITTED)?;
+    (c.status == "False").then_some((c.reason.as_str(), c.message.as_str()))
+}
+
+/// Sets (`Some`) or clears (`None`) the refusal on a ShadowPod's status, writing only on change.
+pub(crate) async fn set_refusal(
+    client: &kube::Client,
+    sp: &ShadowPod,
+    refusal: Option<(&str, &str)>,
+) -> Result<(), VkError> {
+    if self::refusal(sp) == refusal {
+        return Ok(());
+    }
+    let mut list = sp.status.clone().unwrap_or_default().conditions;
+    match refusal {
+        Some((reason, message)) => {
+            conds::set(&mut list, ADMITTED, Status::False, reason, message, None);
+        }
+        None => list.retain(|c| c.type_ != ADMITTED),
+    }
+    let ns = sp.namespace().unwrap_or_default();
+    Api::<ShadowPod>::namespaced(client.clone(), &ns)
+        .patch_status(
+            &sp.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"conditions": list}})),
+        )
+        .await
+        .ctx(|| format!("updating the status of ShadowPod {ns}/{}", sp.name_any()))?;
+    Ok(())
 }
 
 /// The ShadowPod CRD.
@@ -108,11 +168,18 @@ pub fn pod_for(sp: &ShadowPod) -> Pod {
     let meta = template.metadata.clone().unwrap_or_default();
     let mut annotations = meta.annotations.unwrap_or_default();
     annotations.insert(names::REFLECTION_HASH.to_owned(), digest(template));
+    // Whatever the template says, the pod stays in view of the controller's pod watch (which
+    // selects this label): one it cannot see it would try to create again and again.
+    let mut pod_labels = meta.labels.unwrap_or_default();
+    pod_labels.insert(
+        labels::MANAGED_BY.to_owned(),
+        names::MANAGED_BY_VALUE.to_owned(),
+    );
     Pod {
         metadata: ObjectMeta {
             name: Some(sp.name_any()),
             namespace: sp.namespace(),
-            labels: meta.labels,
+            labels: Some(pod_labels),
             annotations: Some(annotations),
             owner_references: Some(vec![OwnerReference {
                 api_version: ShadowPod::api_version(&()).into_owned(),
@@ -132,12 +199,14 @@ pub fn pod_for(sp: &ShadowPod) -> Pod {
 struct Ctx {
     client: kube::Client,
     pods: Store<Pod>,
+    recorder: Recorder,
 }
 
 /// Runs the ShadowPod controller until `shutdown` resolves.
 pub(crate) async fn run(
     client: kube::Client,
     concurrency: u16,
+    recorder: Recorder,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let selector = format!("{}={}", labels::MANAGED_BY, names::MANAGED_BY_VALUE);
@@ -157,6 +226,7 @@ pub(crate) async fn run(
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         pods,
+        recorder,
     });
     let controller = Controller::new(Api::<ShadowPod>::all(client), watcher::Config::default())
         .owns(pod_api, watcher::Config::default().labels(&selector))
@@ -218,6 +288,11 @@ async fn reconcile(sp: Arc<ShadowPod>, ctx: Arc<Ctx>) -> Result<Action, VkError>
         // another watch than the one that triggers us, and a deletion it has not seen yet
         // would otherwise leave the pod lost for good (a store lookup, no API call).
         Some(p) if p.annotations().get(names::REFLECTION_HASH) == want.as_ref() => {
+            // A refusal from before the pod could be made is over (a level changed since keeps
+            // its report: the pod runs, but would be refused now).
+            if refusal(&sp).is_some_and(|(reason, _)| reason == REASON_POD_SECURITY) {
+                set_refusal(&ctx.client, &sp, None).await?;
+            }
             Ok(Action::requeue(RESYNC))
         }
         Some(_) => {
@@ -250,15 +325,52 @@ async fn reconcile(sp: Arc<ShadowPod>, ctx: Arc<Ctx>) -> Result<Action, VkError>
                 return Ok(Action::await_change());
             }
             tracing::debug!(namespace = %ns, pod = %name, "creating the pod of a ShadowPod");
-            create(&api, &desired, &ns, &name).await
+            create(&api, &desired, &sp, &ctx).await
         }
     }
 }
 
-async fn create(api: &Api<Pod>, desired: &Pod, ns: &str, name: &str) -> Result<Action, VkError> {
+/// How often a ShadowPod whose pod the namespace's pod security level refused is tried again
+/// (the provider's admin may change the level).
+const REFUSED_RECHECK: Duration = Duration::from_secs(60);
+
+async fn create(
+    api: &Api<Pod>,
+    desired: &Pod,
+    sp: &ShadowPod,
+    ctx: &Ctx,
+) -> Result<Action, VkError> {
+    let ns = sp.namespace().unwrap_or_default();
+    let name = sp.name_any();
     {
         match api.create(&PostParams::default(), desired).await {
             Ok(_) => Ok(Action::await_change()),
+            // Pod Security Admission: the consumer asked for more than this provider allows.
+            // Say so on the ShadowPod (the consumer shows it on its pod) and try again slowly.
+            Err(kube::Error::Api(s))
+                if s.code == 403 && s.message.contains("violates PodSecurity") =>
+            {
+                let message = s
+                    .message
+                    .split_once("forbidden: ")
+                    .map_or(s.message.as_str(), |(_, m)| m);
+                let message = format!("namespace {ns}: {message}");
+                tracing::warn!(namespace = %ns, pod = %name, reason = %message, "pod refused by the provider's pod security level");
+                if refusal(sp) != Some((REASON_POD_SECURITY, message.as_str())) {
+                    let ev = Event {
+                        type_: EventType::Warning,
+                        reason: REASON_POD_SECURITY.to_owned(),
+                        note: Some(message.clone()),
+                        action: "CreatePod".to_owned(),
+                        secondary: None,
+                    };
+                    if let Err(e) = ctx.recorder.publish(&ev, &sp.object_ref(&())).await {
+                        tracing::debug!(error = %e, "publishing an event failed");
+                    }
+                }
+                set_refusal(&ctx.client, sp, Some((REASON_POD_SECURITY, &message))).await?;
+                Ok(Action::requeue(REFUSED_RECHECK))
+            }
             // Still terminating, or our store lags behind: try again shortly.
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 Ok(Action::requeue(Duration::from_millis(500)))
@@ -277,6 +389,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use k8s_openapi::api::core::v1::{Container, PodSpec};
+    use kube::runtime::events::Reporter;
 
     use super::*;
 
@@ -307,7 +420,13 @@ mod tests {
         // Never contacted: this branch decides from the store alone.
         let config = kube::Config::new("http://127.0.0.1:9".parse().expect("a URL"));
         let client = kube::Client::try_from(config).expect("a client");
-        let action = reconcile(Arc::new(sp), Arc::new(Ctx { client, pods }))
+        let recorder = Recorder::new(client.clone(), Reporter::from("test".to_owned()));
+        let ctx = Ctx {
+            client,
+            pods,
+            recorder,
+        };
+        let action = reconcile(Arc::new(sp), Arc::new(ctx))
             .await
             .expect("no API call to fail");
         assert_eq!(action, Action::requeue(TERMINATING_RECHECK));

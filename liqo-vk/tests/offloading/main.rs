@@ -6,7 +6,9 @@
 //! The agents (one consumer agent, one provider agent per provider) run for the whole binary on
 //! a runtime of their own, like the lab; every test uses clients of its own.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod pod_security;
 
 use std::{collections::BTreeSet, sync::OnceLock, time::Duration};
 
@@ -32,6 +34,7 @@ use liqo_lab::{Cluster, ClusterSpec, Lab, LabSpec};
 use liqo_vk::{
     AGGREGATE_TO_OFFLOADING, ConsumerAgent, ConsumerConfig, ProviderAgent, StaticTranslation,
     reflection::{Reflect, ReflectionPolicy, Reflector, TransformError, clean_metadata},
+    security::{PodSecurity, PodSecurityLevel},
     shadow::ShadowPod,
 };
 use schemars::JsonSchema;
@@ -143,7 +146,15 @@ async fn start_agents(lab: &'static Lab) -> TestResult {
             aggregation_rule: None,
         };
         apply(&Api::<ClusterRole>::all(cluster(lab, p).client()?), &role).await?;
-        let provider = ProviderAgent::new(cluster(lab, p).client()?, id(p));
+        // provider-a holds consumers to the default level (baseline); provider-b's admin
+        // trusts them with anything.
+        let level = if p == PROVIDER_B {
+            PodSecurityLevel::Privileged
+        } else {
+            PodSecurityLevel::default()
+        };
+        let provider = ProviderAgent::new(cluster(lab, p).client()?, id(p))
+            .pod_security(PodSecurity::new(level));
         tokio::spawn(async move {
             if let Err(e) = provider.run(std::future::pending()).await {
                 eprintln!("provider agent failed: {e}");
