@@ -294,7 +294,12 @@ impl Agent {
                 },
             };
             let policy = match cfg.raw.peering.policy {
-                PolicyKind::AcceptAll => PeeringPolicy::AcceptAll,
+                PolicyKind::AcceptAll => {
+                    tracing::warn!(
+                        "peering.policy is AcceptAll: every cluster that can reach {listen} may peer and run pods here; prefer AllowList or Manual"
+                    );
+                    PeeringPolicy::AcceptAll
+                }
                 PolicyKind::AllowList => PeeringPolicy::AllowList(cfg.allow_list.clone()),
                 PolicyKind::Manual => PeeringPolicy::Manual,
             };
@@ -458,6 +463,7 @@ impl Agent {
                 &mut tasks,
                 "virtual kubelet (provider)",
                 ProviderAgent::new(client.clone(), me.clone())
+                    .pod_security(cfg.pod_security.clone())
                     .run(cancel.clone().cancelled_owned()),
             );
         }

@@ -6,12 +6,13 @@
 //! See `agent.example.yaml` for a documented example.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
     path::{Path, PathBuf},
 };
 
 use liqo_core::{Cidr, ClusterId};
+use liqo_vk::security::{PodSecurity, PodSecurityLevel};
 use serde::Deserialize;
 
 /// Why the configuration is unusable.
@@ -165,12 +166,14 @@ pub struct StaticPeer {
 /// Which consumers a provider accepts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub enum PolicyKind {
-    /// Every consumer that proves its key.
-    #[default]
+    /// Every consumer that proves its key: anyone who can reach the endpoint. An explicit
+    /// choice (the agent warns at start).
     AcceptAll,
     /// Only the ids in `peering.allowList`.
     AllowList,
-    /// An administrator approves each consumer (annotation on its `ForeignCluster`).
+    /// An administrator approves each consumer (annotation on its `ForeignCluster`). The
+    /// default.
+    #[default]
     Manual,
 }
 
@@ -216,7 +219,7 @@ pub struct PeeringConfig {
     pub api_server: Option<String>,
     /// A PEM file with the CA of `apiServer`; default the kubeconfig's CA.
     pub api_server_ca_file: Option<PathBuf>,
-    /// `AcceptAll`, `AllowList` or `Manual`.
+    /// `AcceptAll`, `AllowList` or `Manual` (the default).
     pub policy: PolicyKind,
     /// Consumer ids accepted under `AllowList`.
     pub allow_list: Vec<String>,
@@ -233,7 +236,7 @@ impl Default for PeeringConfig {
             endpoint: None,
             api_server: None,
             api_server_ca_file: None,
-            policy: PolicyKind::AcceptAll,
+            policy: PolicyKind::Manual,
             allow_list: vec![],
             offer: OfferConfig::default(),
             credential_lifetime_seconds: 86400,
@@ -369,11 +372,38 @@ fn https_port() -> u16 {
 pub struct ProviderConfig {
     /// Run it. Default true.
     pub enabled: bool,
+    /// What consumers may run here.
+    pub pod_security: PodSecurityConfig,
 }
 
 impl Default for ProviderConfig {
     fn default() -> Self {
-        Self { enabled: true }
+        Self {
+            enabled: true,
+            pod_security: PodSecurityConfig::default(),
+        }
+    }
+}
+
+/// The Pod Security Standards level offloaded pods are held to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PodSecurityConfig {
+    /// `privileged`, `baseline` or `restricted`. Default `baseline`.
+    pub level: String,
+    /// Per consumer cluster id, a level instead of `level`.
+    pub per_consumer: BTreeMap<String, String>,
+    /// The standards' version to pin (`v1.34`, `latest`); default the API server's version.
+    pub version: Option<String>,
+}
+
+impl Default for PodSecurityConfig {
+    fn default() -> Self {
+        Self {
+            level: "baseline".into(),
+            per_consumer: BTreeMap::new(),
+            version: None,
+        }
     }
 }
 
@@ -576,6 +606,34 @@ impl AgentConfig {
             }
             (false, None) => Offer::ShareOfFree(50),
         };
+        let ps = &self.virtual_kubelet.provider.pod_security;
+        let level = |field: &str, v: &str| {
+            v.parse::<PodSecurityLevel>()
+                .map_err(|e| bad(field, e.to_string()))
+        };
+        let mut pod_security = PodSecurity::new(level(
+            "virtualKubelet.provider.podSecurity.level",
+            &ps.level,
+        )?);
+        for (id, l) in &ps.per_consumer {
+            let field = format!("virtualKubelet.provider.podSecurity.perConsumer.{id}");
+            let consumer = id
+                .parse::<ClusterId>()
+                .map_err(|e| bad(&field, format!("{id:?} is not a cluster id: {e}")))?;
+            pod_security = pod_security.with_consumer(consumer, level(&field, l)?);
+        }
+        if let Some(v) = &ps.version {
+            let ok = v == "latest"
+                || v.strip_prefix("v1.")
+                    .is_some_and(|m| !m.is_empty() && m.chars().all(|c| c.is_ascii_digit()));
+            if !ok {
+                return Err(bad(
+                    "virtualKubelet.provider.podSecurity.version",
+                    format!("{v:?} is not v1.<minor> or latest"),
+                ));
+            }
+            pod_security.version = Some(v.clone());
+        }
         if p.credential_lifetime_seconds < 600 {
             return Err(bad(
                 "peering.credentialLifetimeSeconds",
@@ -673,6 +731,7 @@ impl AgentConfig {
             offer,
             pools,
             reserved,
+            pod_security,
         })
     }
 }
@@ -734,6 +793,8 @@ pub struct Validated {
     pub pools: Vec<Cidr>,
     /// `network.reserved`.
     pub reserved: Vec<Cidr>,
+    /// `virtualKubelet.provider.podSecurity`.
+    pub pod_security: PodSecurity,
 }
 
 #[cfg(test)]
