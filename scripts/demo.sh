@@ -98,7 +98,9 @@ discovery:
 peering:
   listen: 127.0.0.1:$((18443 + s))
   endpoint: https://127.0.0.1:$((18443 + s))
-  policy: AcceptAll
+  # Only the consumer of this demo may peer (the default, Manual, waits for an admin).
+  policy: AllowList
+  allowList: [rome]
   offer: {cpu: "4", memory: 8Gi, pods: 20}
 network:
   enabled: true

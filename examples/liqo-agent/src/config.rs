@@ -865,6 +865,49 @@ mod tests {
     }
 
     #[test]
+    fn safe_defaults_and_pod_security_levels() {
+        let v = check("cluster: {name: a}\n").expect("minimal config");
+        assert_eq!(v.raw.peering.policy, PolicyKind::Manual);
+        assert_eq!(v.pod_security, PodSecurity::new(PodSecurityLevel::Baseline));
+        let v = check(
+            "cluster: {name: a}\nvirtualKubelet:\n  provider:\n    podSecurity: {level: restricted, perConsumer: {rome: privileged}, version: v1.33}\n",
+        )
+        .expect("levels");
+        let rome: ClusterId = "rome".parse().expect("id");
+        let turin: ClusterId = "turin".parse().expect("id");
+        assert_eq!(
+            v.pod_security.level_for(&rome),
+            PodSecurityLevel::Privileged
+        );
+        assert_eq!(
+            v.pod_security.level_for(&turin),
+            PodSecurityLevel::Restricted
+        );
+        assert_eq!(v.pod_security.version.as_deref(), Some("v1.33"));
+        let e = err(
+            "cluster: {name: a}\nvirtualKubelet: {provider: {podSecurity: {level: Baseline}}}\n",
+        );
+        assert!(
+            e.starts_with("agent.yaml: virtualKubelet.provider.podSecurity.level: unknown pod security level \"Baseline\""),
+            "{e}"
+        );
+        let e = err(
+            "cluster: {name: a}\nvirtualKubelet: {provider: {podSecurity: {perConsumer: {rome: lax}}}}\n",
+        );
+        assert!(
+            e.starts_with("agent.yaml: virtualKubelet.provider.podSecurity.perConsumer.rome:"),
+            "{e}"
+        );
+        let e = err(
+            "cluster: {name: a}\nvirtualKubelet: {provider: {podSecurity: {version: '1.34'}}}\n",
+        );
+        assert!(
+            e.starts_with("agent.yaml: virtualKubelet.provider.podSecurity.version:"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn errors_name_file_and_field() {
         let e = err("cluster: {}\n");
         assert!(e.starts_with("agent.yaml: cluster.name: required"), "{e}");

@@ -15,7 +15,7 @@ use std::{
 
 use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec};
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use liqo_core::{
@@ -153,6 +153,72 @@ async fn two_agents_peer_offload_and_stop_gracefully() -> TestResult {
             "agent-prov",
             &PatchParams::apply("agent-test").force(),
             &Patch::Apply(&fc),
+        )
+        .await?;
+
+    // The default policy lets in no one the provider's admin did not approve: the request
+    // waits, and nothing is made for the consumer until the admin approves its key.
+    let fcs_b: Api<ForeignCluster> = Api::all(b.clone());
+    let pending = until(
+        "the consumer's request pending approval",
+        &agents,
+        WAIT,
+        || async {
+            fcs_b
+                .get_opt("agent-cons")
+                .await
+                .ok()
+                .flatten()
+                .filter(|fc| {
+                    fc.status.as_ref().is_some_and(|s| {
+                        s.conditions
+                            .iter()
+                            .any(|c| c.reason == "AwaitingApproval" && c.status == "False")
+                    })
+                })
+        },
+    )
+    .await?;
+    let fcs_a: Api<ForeignCluster> = Api::all(a.clone());
+    until(
+        "the consumer told it awaits approval",
+        &agents,
+        WAIT,
+        || async {
+            fcs_a
+                .get_opt("agent-prov")
+                .await
+                .ok()
+                .flatten()
+                .filter(|fc| {
+                    fc.status.as_ref().is_some_and(|s| {
+                        s.conditions.iter().any(|c| c.reason == "AwaitingApproval")
+                    })
+                })
+        },
+    )
+    .await?;
+    let tenant = liqo_core::names::tenant_namespace(&"agent-cons".parse()?);
+    assert!(
+        Api::<Namespace>::all(b.clone())
+            .get_opt(&tenant)
+            .await?
+            .is_none(),
+        "a tenant namespace exists before approval"
+    );
+    assert!(
+        pending
+            .annotations()
+            .contains_key("liqo.io/key-fingerprint"),
+        "the pending request shows the key to approve: {pending:?}"
+    );
+    fcs_b
+        .patch(
+            "agent-cons",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                "liqo.io/peering-approved": "true"
+            }}})),
         )
         .await?;
 
