@@ -106,7 +106,9 @@ pub use dataplane::{
 pub use error::{ComponentFailure, LabError, Result};
 pub use ipnet::IpNet;
 pub use lab::{Lab, ProcessInfo};
-pub use manifest::{apply_document, read_manifest, wait_until_allowed, wait_until_refused};
+pub use manifest::{
+    apply_document, read_manifest, wait_until_allowed, wait_until_refused, wait_until_refused_by,
+};
 pub use net::{first_service_ip, node_pod_cidrs};
 pub use pki::{CertifiedKey, MAX_CERT_GROUPS};
 pub use ports::{FIRST_PORT, LAST_PORT};

@@ -141,8 +141,26 @@ where
         + std::fmt::Debug,
     K::DynamicType: Default,
 {
+    wait_until_refused_by(
+        &Api::<K>::namespaced(client.clone(), namespace),
+        obj,
+        within,
+    )
+    .await
+}
+
+/// [`wait_until_refused`] through any `api` (cluster-scoped kinds too).
+pub async fn wait_until_refused_by<K>(
+    api: &Api<K>,
+    obj: &K,
+    within: Duration,
+) -> Result<kube::core::Status>
+where
+    K: kube::Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
     let what = format!(
-        "{} {namespace}/{}",
+        "{} {}",
         K::kind(&K::DynamicType::default()),
         obj.meta().name.as_deref().unwrap_or_default()
     );
@@ -152,10 +170,7 @@ where
     };
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        match Api::<K>::namespaced(client.clone(), namespace)
-            .create(&dry, obj)
-            .await
-        {
+        match api.create(&dry, obj).await {
             Err(kube::Error::Api(refusal)) => return Ok(*refusal),
             Ok(_) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;

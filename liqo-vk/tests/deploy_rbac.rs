@@ -14,8 +14,13 @@
 use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use k8s_openapi::{
+    ByteString,
     api::{
         authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+        certificates::v1::{
+            CertificateSigningRequest, CertificateSigningRequestCondition,
+            CertificateSigningRequestSpec, CertificateSigningRequestStatus,
+        },
         core::v1::{ConfigMap, Container, Namespace, Node, Pod, PodSpec, Secret},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -821,6 +826,112 @@ async fn agent_rbac_grants_no_more() -> TestResult {
     match nodes.create(&dry, &real_looking).await {
         Err(kube::Error::Api(s)) => assert!(s.message.contains("liqo-agent-guard"), "{s:?}"),
         other => panic!("the agent could create a non-virtual node: {other:?}"),
+    }
+
+    // Certificate requests: only the shape the agent's own flow uses (which the peering test
+    // above runs as this ServiceAccount), and approval only of its own requests.
+    let csrs: Api<CertificateSigningRequest> = Api::all(sa.clone());
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "liqo-consumer-probe");
+    let pem = params.serialize_request(&key)?.pem()?;
+    let request =
+        |name: &str, signer: &str, usages: &[&str], seconds: i32| CertificateSigningRequest {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            spec: CertificateSigningRequestSpec {
+                request: ByteString(pem.clone().into_bytes()),
+                signer_name: signer.into(),
+                usages: Some(usages.iter().map(|u| (*u).to_owned()).collect()),
+                expiration_seconds: Some(seconds),
+                ..CertificateSigningRequestSpec::default()
+            },
+            status: None,
+        };
+    const CLIENT: &str = "kubernetes.io/kube-apiserver-client";
+    let fine = request("liqo-guard-probe", CLIENT, &["client auth"], 86400);
+    let first = liqo_lab::wait_until_refused_by(
+        &csrs,
+        &request("liqo-guard-probe", CLIENT, &["client auth"], 40 * 86400),
+        WAIT,
+    )
+    .await?;
+    assert!(first.message.contains("at most 30 days"), "{first:?}");
+    csrs.create(&dry, &fine).await?;
+    for (what, bad, part) in [
+        (
+            "another signer",
+            request(
+                "liqo-guard-probe",
+                "example.com/signer",
+                &["client auth"],
+                86400,
+            ),
+            "kube-apiserver-client signer",
+        ),
+        (
+            "another name",
+            request("someone-else", CLIENT, &["client auth"], 86400),
+            "named liqo-*",
+        ),
+        (
+            "server auth",
+            request(
+                "liqo-guard-probe",
+                CLIENT,
+                &["client auth", "server auth"],
+                86400,
+            ),
+            "client auth",
+        ),
+    ] {
+        match csrs.create(&dry, &bad).await {
+            Err(kube::Error::Api(s)) => assert!(s.message.contains(part), "{what}: {s:?}"),
+            other => panic!("the agent could request a certificate with {what}: {other:?}"),
+        }
+    }
+    // A request the admin made is not the agent's to approve.
+    let admins: Api<CertificateSigningRequest> = Api::all(admin.clone());
+    let theirs = admins
+        .create(
+            &PostParams::default(),
+            &request("liqo-admin-probe", CLIENT, &["client auth"], 86400),
+        )
+        .await?;
+    let mut approval = theirs.clone();
+    approval.status = Some(CertificateSigningRequestStatus {
+        conditions: Some(vec![CertificateSigningRequestCondition {
+            type_: "Approved".into(),
+            status: "True".into(),
+            reason: Some("Probe".into()),
+            message: Some("probe".into()),
+            ..CertificateSigningRequestCondition::default()
+        }]),
+        certificate: None,
+    });
+    let approved = csrs
+        .patch_approval(
+            "liqo-admin-probe",
+            &PatchParams::default(),
+            &Patch::Merge(&serde_json::json!({"status": approval.status})),
+        )
+        .await;
+    admins
+        .delete("liqo-admin-probe", &DeleteParams::default())
+        .await?;
+    match approved {
+        Err(kube::Error::Api(s)) => {
+            assert!(
+                s.message
+                    .contains("only approve the certificate requests it created"),
+                "{s:?}"
+            )
+        }
+        other => panic!("the agent could approve the admin's request: {other:?}"),
     }
     Ok(())
 }

@@ -407,6 +407,9 @@ impl Default for PodSecurityConfig {
     }
 }
 
+/// The longest credential a provider issues (deploy/guard.yaml refuses longer requests).
+pub const MAX_CREDENTIAL_LIFETIME: u64 = 30 * 24 * 3600;
+
 /// The default metrics address.
 pub const DEFAULT_METRICS_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9090);
@@ -639,6 +642,15 @@ impl AgentConfig {
                 "peering.credentialLifetimeSeconds",
                 format!(
                     "{} is below 600, the CSR API's minimum",
+                    p.credential_lifetime_seconds
+                ),
+            ));
+        }
+        if p.credential_lifetime_seconds > MAX_CREDENTIAL_LIFETIME {
+            return Err(bad(
+                "peering.credentialLifetimeSeconds",
+                format!(
+                    "{} is above {MAX_CREDENTIAL_LIFETIME} (30 days), the most deploy/guard.yaml lets the agent request",
                     p.credential_lifetime_seconds
                 ),
             ));
@@ -934,6 +946,11 @@ mod tests {
         );
         let e = err("cluster: {name: a}\npeering: {policy: AllowList}\n");
         assert!(e.starts_with("agent.yaml: peering.allowList:"), "{e}");
+        let e = err("cluster: {name: a}\npeering: {credentialLifetimeSeconds: 2600000}\n");
+        assert!(
+            e.starts_with("agent.yaml: peering.credentialLifetimeSeconds: 2600000 is above"),
+            "{e}"
+        );
         let e = err("cluster: {name: a}\npeering: {credentialLifetimeSeconds: 60}\n");
         assert!(
             e.starts_with("agent.yaml: peering.credentialLifetimeSeconds:"),
