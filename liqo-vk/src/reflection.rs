@@ -39,6 +39,7 @@
 use std::{collections::BTreeMap, fmt::Debug, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{
     Api, Resource, ResourceExt,
@@ -168,6 +169,14 @@ pub trait Reflect: Send + Sync + 'static {
     /// renew a token before it expires).
     fn refresh_after(&self, source: &Self::Source) -> Option<Duration> {
         let _ = source;
+        None
+    }
+
+    /// Names of sources to look at again when something else than the source changes (e.g. a
+    /// ServiceAccount when a pod that uses it is offloaded or gone), for reflectors whose
+    /// [`desired`](Self::desired) depends on other objects. Default: none.
+    fn triggers(&self, scope: &ReflectionScope) -> Option<BoxStream<'static, String>> {
+        let _ = scope;
         None
     }
 }
@@ -524,6 +533,16 @@ impl<R: Reflect> ResourceReflector for Reflector<R> {
                 }
             },
         );
+        let triggers = async {
+            match self.inner.triggers(&scope) {
+                Some(mut keys) => {
+                    while let Some(k) = keys.next().await {
+                        queue.add(k);
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
         // Deciding that a target is orphaned needs both sides listed.
         let ready = async {
             source_store.wait_until_ready().await?;
@@ -542,6 +561,7 @@ impl<R: Reflect> ResourceReflector for Reflector<R> {
             () = shutdown.cancelled() => {}
             () = source_events => {}
             () = target_events => {}
+            () = triggers => {}
             () = workers => {}
         }
         Ok(())

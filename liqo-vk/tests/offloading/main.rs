@@ -16,7 +16,10 @@ use common::*;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     coordination::v1::Lease,
-    core::v1::{ConfigMap, Event, Namespace, Node, Pod, Secret, Service, ServicePort, ServiceSpec},
+    core::v1::{
+        ConfigMap, Event, Namespace, Node, Pod, Secret, Service, ServiceAccount, ServicePort,
+        ServiceSpec,
+    },
     discovery::v1::EndpointSlice,
     rbac::v1::{ClusterRole, PolicyRule, RoleBinding, RoleRef},
 };
@@ -658,6 +661,51 @@ async fn services_endpoints_configmaps_secrets_events_and_custom_resources_are_r
         data["token"].0.len() > 20 && !data["ca.crt"].0.is_empty(),
         "a real token and the consumer's CA"
     );
+    // Only the ServiceAccounts offloaded pods use: `idle` stays home; `builder`'s token leaves
+    // with its first offloaded pod and is withdrawn with its last.
+    let accounts = Api::<ServiceAccount>::namespaced(c.clone(), ns);
+    for sa in ["idle", "builder"] {
+        create(
+            &accounts,
+            &ServiceAccount {
+                metadata: meta(sa),
+                ..ServiceAccount::default()
+            },
+        )
+        .await?;
+    }
+    let mut builder = pod_spec("busybox");
+    builder.service_account_name = Some("builder".into());
+    let pods = Api::<Pod>::namespaced(c.clone(), ns);
+    create(
+        &pods,
+        &Pod {
+            metadata: meta("build-1"),
+            spec: Some(builder),
+            status: None,
+        },
+    )
+    .await?;
+    let remote_secrets = Api::<Secret>::namespaced(pa.clone(), &t);
+    wait_one(
+        remote_secrets.clone(),
+        "liqo-sa-builder",
+        "the builder token on provider-a",
+        |s| s.is_some(),
+    )
+    .await?;
+    assert!(
+        remote_secrets.get_opt("liqo-sa-idle").await?.is_none(),
+        "a token of a ServiceAccount no offloaded pod uses left the cluster"
+    );
+    pods.delete("build-1", &DeleteParams::default()).await?;
+    wait_one(
+        remote_secrets,
+        "liqo-sa-builder",
+        "the builder token withdrawn with its last pod",
+        |s| s.is_none(),
+    )
+    .await?;
 
     // Events about the remote pods come back, pointing at the local pods.
     let local_names: BTreeSet<String> = local_pods.iter().map(|p| p.name_any()).collect();

@@ -9,7 +9,7 @@
 //! | [`Secrets`] | local → remote | service-account token Secrets stay home |
 //! | [`Services`] | local → remote | cluster IPs, node ports and the selector are cleared: the provider allocates its own IP and the endpoints come from [`EndpointSlices`] |
 //! | [`EndpointSlices`] | local → remote | addresses of pods offloaded there translated back to the provider's own, local pods' to how the provider reaches them, other providers' pods left out; node names and target references dropped |
-//! | [`ServiceAccountTokens`] | local → remote | a token of each local ServiceAccount (TokenRequest API), renewed before it expires, in Secret `liqo-sa-<name>` that offloaded pods mount |
+//! | [`ServiceAccountTokens`] | local → remote | a token of each local ServiceAccount an offloaded pod uses (TokenRequest API, 1 h), renewed before it expires, in Secret `liqo-sa-<name>` that offloaded pods mount; withdrawn when no offloaded pod uses it |
 //! | [`Events`] | remote → local | events about remote pods (and their ShadowPods) point at the local pods |
 //!
 //! ```no_run
@@ -22,22 +22,31 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use async_trait::async_trait;
+use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::{
     ByteString,
     api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         core::v1::{
-            ConfigMap, Event, ObjectReference, Secret, Service, ServiceAccount, ServiceSpec,
+            ConfigMap, Event, ObjectReference, Pod, Secret, Service, ServiceAccount, ServiceSpec,
         },
         discovery::v1::{Endpoint, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
     jiff::Timestamp,
 };
-use kube::{Api, ResourceExt, api::PostParams, runtime::watcher};
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
 use liqo_core::{ReflectionDirection, ReflectionScope, ResourceReflector};
 use liqo_vk::reflection::{Reflect, Reflector, TransformError, clean_metadata};
 
@@ -250,8 +259,10 @@ pub fn token_secret_name(service_account: &str) -> String {
 /// Annotation on token Secrets: when the token expires (Unix seconds).
 pub const TOKEN_EXPIRY: &str = "liqo.io/token-expiry";
 
-/// ServiceAccount tokens for offloaded pods: a token of each local ServiceAccount, requested
-/// with the TokenRequest API and renewed when a fifth of its lifetime is left.
+/// ServiceAccount tokens for offloaded pods: a token of each local ServiceAccount that a pod
+/// offloaded to this provider uses (and of no other), requested with the TokenRequest API,
+/// short-lived and renewed when a fifth of its lifetime is left; withdrawn from the provider
+/// once no offloaded pod uses it.
 #[derive(Debug, Clone, Copy)]
 pub struct ServiceAccountTokens {
     /// Requested token lifetime.
@@ -290,12 +301,67 @@ impl Reflect for ServiceAccountTokens {
     fn refresh_after(&self, _: &ServiceAccount) -> Option<Duration> {
         Some(self.lifetime / 5)
     }
+    /// A pod offloaded to this provider appears or goes: its ServiceAccount is looked at again.
+    fn triggers(&self, scope: &ReflectionScope) -> Option<BoxStream<'static, String>> {
+        let node = liqo_vk::names::node_name(&scope.remote_cluster);
+        let pods: Api<Pod> = Api::namespaced(scope.local.clone(), &scope.local_namespace);
+        // Pods already counted, so status updates of a thousand pods do not each wake the
+        // ServiceAccount up.
+        let mut seen = HashSet::new();
+        let account = |p: &Pod| {
+            p.spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_else(|| "default".to_owned())
+        };
+        Some(
+            watcher(
+                pods,
+                watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+            )
+            .default_backoff()
+            .filter_map(move |ev| {
+                let key = match ev {
+                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                        seen.insert(p.uid()).then(|| account(&p))
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        seen.remove(&p.uid());
+                        Some(account(&p))
+                    }
+                    _ => None,
+                };
+                futures::future::ready(key)
+            })
+            .boxed(),
+        )
+    }
     async fn desired(
         &self,
         sa: &ServiceAccount,
         existing: Option<&Secret>,
         scope: &ReflectionScope,
     ) -> Result<Option<Secret>, TransformError> {
+        // Only what offloaded pods use leaves the cluster.
+        let (name, ns) = (sa.name_any(), &scope.local_namespace);
+        let users = Api::<Pod>::namespaced(scope.local.clone(), ns)
+            .list_metadata(
+                &ListParams::default()
+                    .fields(&format!(
+                        "spec.nodeName={},spec.serviceAccountName={name}",
+                        liqo_vk::names::node_name(&scope.remote_cluster)
+                    ))
+                    .limit(1),
+            )
+            .await
+            .map_err(|e| {
+                TransformError::new(format!(
+                    "listing the offloaded pods of ServiceAccount {ns}/{name}: {e}"
+                ))
+            })?;
+        if users.items.is_empty() {
+            return Ok(None);
+        }
         let now = Timestamp::now().as_second();
         let margin = (self.lifetime.as_secs() / 5) as i64;
         let secret = |data: BTreeMap<String, ByteString>, expiry: i64| Secret {
@@ -320,8 +386,6 @@ impl Reflect for ServiceAccountTokens {
         {
             return Ok(Some(secret(data.clone(), expiry)));
         }
-        let name = sa.name_any();
-        let ns = &scope.local_namespace;
         let request = TokenRequest {
             spec: TokenRequestSpec {
                 audiences: vec![],
