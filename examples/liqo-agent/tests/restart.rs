@@ -70,6 +70,7 @@ fn config(
              metricsAddr: {metrics}\n\
              cluster:\n  name: {CLUSTER}\n  id: {CLUSTER}\n  podCidr: {pod}\n  serviceCidr: {svc}\n\
              discovery:\n  mdns: {{enabled: false}}\n  foreignClusters: true\n\
+             peering:\n  listen: 127.0.0.1:{peering}\n\
              network:\n  enabled: true\n  backend: userspace\n  \
              implementation: wireguard-go\n  interface: {iface}\n  listenPort: 51820\n  \
              endpoint: {wan}:51820\n  netns: {netns}\n\
@@ -78,6 +79,8 @@ fn config(
             pod = cluster.pod_cidr(),
             svc = cluster.service_cidr(),
             wan = gw.wan_address,
+            // Not the default 0.0.0.0:8443, which another test or agent may hold.
+            peering = free_port(),
             netns = gw.netns_path.display(),
         ),
     )?;
