@@ -29,6 +29,17 @@ pub trait WireGuardBackend: Send + Sync + 'static {
     /// control socket). Idempotent.
     async fn remove(&self, iface: &str) -> Result<(), FabricError>;
 
+    /// Deals with what an earlier run of this program left for `iface` (it crashed or was
+    /// killed): called by the gateway once before it first creates the interface. A daemon of
+    /// that run still alive is replaced, a stale control socket removed; what another program
+    /// owns is left alone (and [`create`](Self::create) then refuses it, naming the owner).
+    /// Returns what it found and did, for the gateway's one log line; empty when nothing. The
+    /// default finds nothing.
+    async fn clear_leftovers(&self, iface: &str) -> Result<Vec<String>, FabricError> {
+        let _ = iface;
+        Ok(Vec::new())
+    }
+
     /// Changes each time the implementation recreated an interface on its own (a supervised
     /// daemon restarted): the interface came back empty and the gateway must configure it
     /// again. The default never changes.
@@ -58,6 +69,9 @@ impl<T: WireGuardBackend + ?Sized> WireGuardBackend for std::sync::Arc<T> {
     }
     async fn remove(&self, iface: &str) -> Result<(), FabricError> {
         (**self).remove(iface).await
+    }
+    async fn clear_leftovers(&self, iface: &str) -> Result<Vec<String>, FabricError> {
+        (**self).clear_leftovers(iface).await
     }
     fn restarts(&self) -> watch::Receiver<u64> {
         (**self).restarts()

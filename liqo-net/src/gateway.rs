@@ -18,7 +18,7 @@ use std::{
 };
 
 use liqo_core::{Cidr, CidrMapping, ClusterId, FabricError, LinkState, LinkStatus, WireGuardKey};
-use tracing::debug;
+use tracing::{debug, info};
 use wireguard_control::{Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder, PeerInfo};
 
 use crate::{
@@ -166,13 +166,56 @@ impl<B: WireGuardBackend> Gateway<B> {
             nat_seen: std::sync::Mutex::new(None),
             peers: BTreeMap::new(),
         };
+        let leftovers = gw.leftovers().await?;
         if let Err(e) = gw.apply().await {
             if let Err(cleanup) = gw.teardown().await {
                 debug!(error = %cleanup, "cleanup after a failed start");
             }
             return Err(e);
         }
+        if !leftovers.is_empty() {
+            info!(
+                interface = %gw.config.interface,
+                "gateway {}: an earlier run left state behind; {}",
+                gw.config.interface,
+                leftovers.join("; ")
+            );
+        }
         Ok(gw)
+    }
+
+    /// Clears or notes what an earlier run left (it crashed or was killed): the backend
+    /// replaces a daemon of that run; an interface, routes, rules and the NAT table that are
+    /// still there are reused and made again by the first [`apply`](Self::apply), which,
+    /// with no peers yet, empties them until peers reconnect. Says what it found.
+    async fn leftovers(&self) -> Result<Vec<String>, FabricError> {
+        let iface = &self.config.interface;
+        let mut found = self.backend.clear_leftovers(iface).await?;
+        if self.netlink.link_index(iface).await?.is_some() {
+            found.push(format!("reused interface {iface}"));
+        }
+        let cfg = &self.config.routing;
+        let (routes, rules) = (
+            self.netlink.routes(cfg).await?.len(),
+            self.netlink.rules(cfg).await?.len(),
+        );
+        let mut cleared = Vec::new();
+        if routes > 0 {
+            cleared.push(format!("{routes} routes in table {}", cfg.table));
+        }
+        if rules > 0 {
+            cleared.push(format!("{rules} policy rules"));
+        }
+        if self.nat.exists().await? {
+            cleared.push(format!("nftables table inet {}", self.nat.name()));
+        }
+        if !cleared.is_empty() {
+            found.push(format!(
+                "replaced {} (made again as peers reconnect)",
+                cleared.join(", ")
+            ));
+        }
+        Ok(found)
     }
 
     /// The configuration.

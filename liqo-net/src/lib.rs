@@ -48,5 +48,5 @@ pub use controller::{GatewayFabric, Links, NetError, NetworkController, TunnelIn
 pub use fabric::{FabricConfig, WireGuardFabric, resolve_endpoint};
 pub use gateway::{Gateway, GatewayConfig, GatewayPeer};
 pub use ipam::{Allocation, Ipam, IpamConfig};
-pub use netns::{Netns, NetnsError, NetnsFabric};
+pub use netns::{Netns, NetnsError, NetnsFabric, host_client};
 pub use wireguard_control;

@@ -17,21 +17,29 @@
 //! [`NetworkFabric`] and [`GatewayFabric`] traits runs on the
 //! namespace's thread, so it can be handed to peering (`NetworkSource::Fabric`) and to the
 //! [`NetworkController`](crate::controller::NetworkController) from the host's runtime.
+//!
+//! The same rule bites API clients: a `kube::Client` opens its connections (DNS, TCP, TLS)
+//! in whatever task polls a request, so one used inside a gateway's namespace connects from
+//! there, where the API server is usually unreachable. [`host_client`] pins a client's
+//! requests to the host's runtime, so it works from anywhere.
 
 use std::{
     collections::BTreeMap,
     fmt,
     future::Future,
     path::{Path, PathBuf},
+    pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
 };
 
 use async_trait::async_trait;
+use http::{Request, Response};
 use liqo_core::{
     CidrMapping, ClusterId, FabricError, LinkStatus, NetworkFabric, NetworkParameters, PeerLink,
 };
 use nix::sched::{CloneFlags, setns};
-use tokio::{runtime::Handle, sync::oneshot};
+use tokio::{runtime::Handle, sync::oneshot, task::JoinHandle};
 
 use crate::{
     checker::LinkSource,
@@ -60,6 +68,18 @@ pub enum NetnsError {
         path: String,
         /// What happened to the task.
         message: String,
+    },
+    /// An API client was to be pinned from a thread in another network namespace than the
+    /// process's: its connections would be made there.
+    #[error(
+        "a Kubernetes client must be made in the process's network namespace ({process}), not in \
+         {thread}: make it before entering a gateway's namespace and pass it in"
+    )]
+    ForeignNamespace {
+        /// The process's namespace (its main thread's), as `net:[inode]`.
+        process: String,
+        /// The calling thread's.
+        thread: String,
     },
 }
 
@@ -244,6 +264,79 @@ impl Netns {
             } else {
                 "the namespace's runtime stopped".into()
             },
+        })
+    }
+}
+
+/// The network namespace of the calling thread and of the process (its main thread), as
+/// `net:[inode]`.
+fn namespaces() -> std::io::Result<(String, String)> {
+    let read = |p: &str| std::fs::read_link(p).map(|l| l.to_string_lossy().into_owned());
+    Ok((
+        read("/proc/thread-self/ns/net")?,
+        read("/proc/self/ns/net")?,
+    ))
+}
+
+/// `client`, changed so that every request it sends (DNS, connect, TLS and the connection's
+/// own tasks) runs on the tokio runtime current here, whichever thread, runtime or network
+/// namespace later sends it. Refuses outside a runtime and on a thread that is not in the
+/// process's network namespace (a [`Netns`] thread), where the connections would be made in
+/// the wrong place.
+pub fn host_client(client: kube::Client) -> Result<kube::Client, NetnsError> {
+    let handle = Handle::try_current().map_err(|e| NetnsError::Task {
+        path: "current".into(),
+        message: format!("not inside a tokio runtime: {e}"),
+    })?;
+    let (thread, process) = namespaces().map_err(|e| NetnsError::Task {
+        path: "current".into(),
+        message: format!("reading /proc/thread-self/ns/net: {e}"),
+    })?;
+    if thread != process {
+        return Err(NetnsError::ForeignNamespace { process, thread });
+    }
+    let namespace = client.default_namespace().to_owned();
+    let valid_until = *client.valid_until();
+    Ok(kube::Client::new(OnRuntime { client, handle }, namespace).with_valid_until(valid_until))
+}
+
+/// Sends each request from a task of one runtime (see [`host_client`]).
+#[derive(Clone)]
+struct OnRuntime {
+    client: kube::Client,
+    handle: Handle,
+}
+
+/// Aborts the request's task if its caller gives up on it.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Body = kube::client::Body;
+
+impl tower::Service<Request<Body>> for OnRuntime {
+    type Response = Response<Body>;
+    type Error = tower::BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, tower::BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The inner client buffers; readiness is awaited inside the spawned task.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let client = self.client.clone();
+        let mut task = AbortOnDrop(self.handle.spawn(async move { client.send(req).await }));
+        Box::pin(async move {
+            match (&mut task.0).await {
+                // Boxed as is: kube unboxes its own error type, so callers see the same errors.
+                Ok(res) => res.map_err(Into::into),
+                Err(e) => Err(format!("the runtime sending API requests stopped: {e}").into()),
+            }
         })
     }
 }

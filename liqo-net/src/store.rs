@@ -158,12 +158,14 @@ impl std::fmt::Debug for NetworkConfigStore {
 }
 
 impl NetworkConfigStore {
-    /// A store over `NetworkConfig`s in `namespace`.
-    pub fn new(client: kube::Client, namespace: &str) -> Self {
-        Self {
-            api: Api::namespaced(client, namespace),
+    /// A store over `NetworkConfig`s in `namespace`. Its requests run on the current runtime
+    /// whichever namespace the fabric calls it from (see [`crate::netns::host_client`]), so it
+    /// must be made outside a gateway's namespace, and is refused there.
+    pub fn new(client: kube::Client, namespace: &str) -> Result<Self, FabricError> {
+        Ok(Self {
+            api: Api::namespaced(crate::netns::host_client(client)?, namespace),
             field_manager: "liqo-net-ipam".into(),
-        }
+        })
     }
 
     fn err(action: &str, cluster: Option<&ClusterId>, e: kube::Error) -> FabricError {

@@ -48,7 +48,7 @@ async fn allocations_and_link_conditions_live_in_objects() -> TestResult {
 
     // An allocation made before a "restart" is what a new IPAM over a new store finds.
     let local = params("10.244.0.0/16");
-    let store = NetworkConfigStore::new(client.clone(), "liqo");
+    let store = NetworkConfigStore::new(client.clone(), "liqo")?;
     let mut ipam = Ipam::new(&local, IpamConfig::default())?;
     let milan = ipam.allocate(&id("milan"), &params("10.244.0.0/16"))?;
     store.save(&milan).await?;
@@ -63,7 +63,7 @@ async fn allocations_and_link_conditions_live_in_objects() -> TestResult {
 
     let mut restarted = Ipam::new(&local, IpamConfig::default())?;
     restarted.restore(
-        NetworkConfigStore::new(client.clone(), "liqo")
+        NetworkConfigStore::new(client.clone(), "liqo")?
             .load()
             .await?,
     )?;

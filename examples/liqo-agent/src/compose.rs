@@ -78,6 +78,9 @@ pub async fn client(path: Option<&Path>) -> Result<(Client, kube::Config), Agent
         None => kube::Config::infer().await.map_err(|e| err(&e))?,
     };
     let client = Client::try_from(config.clone()).map_err(|e| err(&e))?;
+    // Every component shares this client, the fabric's store inside a gateway's namespace
+    // too: its connections are made here, in the host's namespace, whoever sends.
+    let client = liqo_net::host_client(client).map_err(|e| err(&e))?;
     Ok((client, config))
 }
 

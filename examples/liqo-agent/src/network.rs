@@ -100,7 +100,7 @@ pub async fn fabric(
         ipam,
         gateway,
     };
-    let store = NetworkConfigStore::new(client.clone(), NAMESPACE);
+    let store = NetworkConfigStore::new(client.clone(), NAMESPACE)?;
     let netns = Netns::new(n.netns.as_deref())?;
     let fabric: Arc<dyn GatewayFabric> = match n.backend {
         Backend::Kernel => Arc::new(

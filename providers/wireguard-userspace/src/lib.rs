@@ -18,9 +18,23 @@
 //!
 //! Control sockets live in `/run/wireguard`, shared by every network namespace of the machine:
 //! interface names must be unique machine-wide. [`Userspace::create`](WireGuardBackend::create)
-//! refuses a name whose socket another live daemon serves.
+//! refuses a name whose socket another live daemon serves, naming its pid and command line.
+//!
+//! ## After a crash
+//!
+//! A wireguard-go is started through `setpriv --pdeathsig TERM` when `setpriv` is installed,
+//! so it stops when the thread that started it dies. A daemon can still outlive its agent
+//! (no `setpriv`, an agent version without it): every daemon is marked in its environment with
+//! the process that started it and its interface (see [`leftovers`]), and
+//! [`clear_leftovers`](WireGuardBackend::clear_leftovers) replaces a daemon marked for the
+//! same interface, in the same network namespace, whose starter is gone. It is replaced, not
+//! adopted: it is not our child (no exit to supervise), its output pipes went with the dead
+//! agent, and the gateway configures the new one from scratch anyway; the private key is the
+//! agent's persisted one, so peers see the same key and only redo a handshake.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+
+pub mod leftovers;
 
 use std::{
     collections::HashMap,
@@ -42,6 +56,8 @@ use tokio::{
     sync::{oneshot, watch},
 };
 use tracing::{debug, info, warn};
+
+use crate::leftovers::{INTERFACE_ENV, OWNER_ENV, ProcessId, Server, Verdict};
 
 /// Where userspace implementations put their control sockets.
 pub const SOCKET_DIR: &str = "/var/run/wireguard";
@@ -146,6 +162,8 @@ pub struct Userspace {
     running: Mutex<HashMap<String, Running>>,
     restarts: Arc<watch::Sender<u64>>,
     ready_timeout: Duration,
+    /// This process, as daemons it starts are marked with.
+    me: Option<ProcessId>,
 }
 
 impl std::fmt::Debug for Userspace {
@@ -171,6 +189,7 @@ impl Userspace {
             running: Mutex::new(HashMap::new()),
             restarts: Arc::new(watch::channel(0).0),
             ready_timeout: Duration::from_secs(10),
+            me: ProcessId::current(),
         }
     }
 
@@ -189,15 +208,25 @@ impl Userspace {
         std::os::unix::net::UnixStream::connect(socket_path(iface)).is_ok()
     }
 
-    /// Refuses a name another live daemon serves; removes a stale socket file.
-    fn claim_socket(&self, iface: &str) -> Result<(), FabricError> {
+    /// Refuses a name another live daemon serves, saying whose; removes a stale socket file.
+    async fn claim_socket(&self, iface: &str) -> Result<(), FabricError> {
         let path = socket_path(iface);
-        if Self::socket_in_use(iface) {
+        if let Some(pid) = leftovers::serving_pid(&path).await {
+            let server = Server::inspect(pid);
+            let netns = leftovers::thread_netns().unwrap_or_default();
+            let why = match server.judge(iface, &netns, self.me) {
+                Verdict::Foreign(why) => why,
+                Verdict::Ours { owner } => format!(
+                    "left by an earlier run (pid {}) that the gateway replaces at start",
+                    owner.pid
+                ),
+            };
             return Err(backend_err(
                 self.implementation.name(),
                 format!(
-                    "interface name {iface} is already served by another WireGuard daemon on this machine ({}): control sockets are shared by all network namespaces, pick a unique name",
-                    path.display()
+                    "interface name {iface} is already served by another WireGuard daemon on this machine ({}): pid {pid} ({}), {why}; control sockets are shared by all network namespaces: pick a unique name or stop that daemon",
+                    path.display(),
+                    server.cmdline,
                 ),
             ));
         }
@@ -236,31 +265,61 @@ impl Drop for Userspace {
     }
 }
 
-/// Starts wireguard-go for `iface` and returns once its UAPI socket listens.
+/// `name` as found in `PATH` (as is if it names a path).
+fn find_program(name: &Path) -> Option<PathBuf> {
+    if name.components().count() > 1 {
+        return name.is_file().then(|| name.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Starts wireguard-go for `iface`, marked as started by `owner`, and returns once its UAPI
+/// socket listens.
 async fn start_wireguard_go(
     binary: &Path,
     iface: &str,
     timeout: Duration,
+    owner: Option<ProcessId>,
 ) -> Result<Child, FabricError> {
     let err = |m: String| backend_err("wireguard-go", m);
-    let mut child = Command::new(binary)
+    // Resolved here: behind setpriv, a missing binary would only be an exit status.
+    let program = find_program(binary).ok_or_else(|| {
+        err(format!(
+            "starting {}: not found (install the wireguard-go package)",
+            binary.display()
+        ))
+    })?;
+    // The kernel signals the daemon when the thread that started it dies, our crash
+    // included; the unsafe-free way to set that is setpriv, which then execs the daemon.
+    let mut command = match find_program(Path::new("setpriv")) {
+        Some(setpriv) => {
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "TERM", "--"]).arg(&program);
+            c
+        }
+        None => {
+            debug!("setpriv not found: wireguard-go may outlive this process if it crashes");
+            Command::new(&program)
+        }
+    };
+    command
         .arg("-f")
         .arg(iface)
         // Verbose logging is what announces "UAPI listener started".
         .env("LOG_LEVEL", "verbose")
+        .env(INTERFACE_ENV, iface)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    if let Some(owner) = owner {
+        command.env(OWNER_ENV, owner.mark());
+    }
+    let mut child = command
         .spawn()
-        .map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound {
-                " (install the wireguard-go package)"
-            } else {
-                ""
-            };
-            err(format!("starting {}{hint}: {e}", binary.display()))
-        })?;
+        .map_err(|e| err(format!("starting {}: {e}", program.display())))?;
     let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     // Drain both pipes for the daemon's whole life, or it blocks on a full pipe.
     let stdout = child
@@ -331,6 +390,29 @@ async fn stop_child(mut child: Child, iface: &str) {
     let _ = std::fs::remove_file(socket_path(iface));
 }
 
+/// Stops a leftover daemon: SIGTERM (it removes its socket and TUN), then SIGKILL.
+async fn stop_leftover(server: &Server) -> Result<(), String> {
+    use nix::sys::signal::{Signal, kill};
+    let Some(id) = server.id else {
+        return Ok(());
+    };
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        let _ = kill(nix::unistd::Pid::from_raw(id.pid), signal);
+        // Not our child: there is no exit to wait for, so watch /proc for it to go.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            if !id.is_alive() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Err(format!(
+        "leftover daemon pid {} ({}) survived SIGKILL",
+        id.pid, server.cmdline
+    ))
+}
+
 async fn supervise(
     mut child: Child,
     binary: PathBuf,
@@ -338,6 +420,7 @@ async fn supervise(
     mut stop: oneshot::Receiver<()>,
     restarts: Arc<watch::Sender<u64>>,
     timeout: Duration,
+    owner: Option<ProcessId>,
 ) {
     loop {
         tokio::select! {
@@ -354,7 +437,7 @@ async fn supervise(
                         _ = &mut stop => return,
                         () = tokio::time::sleep(backoff) => {}
                     }
-                    match start_wireguard_go(&binary, &iface, timeout).await {
+                    match start_wireguard_go(&binary, &iface, timeout, owner).await {
                         Ok(c) => break c,
                         Err(e) => {
                             warn!(interface = %iface, error = %e, "restarting wireguard-go failed");
@@ -433,10 +516,10 @@ impl WireGuardBackend for Userspace {
         if self.running().get(iface).is_some_and(Running::is_alive) {
             return Ok(());
         }
-        self.claim_socket(iface)?;
+        self.claim_socket(iface).await?;
         let running = match &self.implementation {
             Implementation::WireGuardGo { binary } => {
-                let child = start_wireguard_go(binary, iface, self.ready_timeout).await?;
+                let child = start_wireguard_go(binary, iface, self.ready_timeout, self.me).await?;
                 let (stop, stop_rx) = oneshot::channel();
                 let task = tokio::spawn(supervise(
                     child,
@@ -445,6 +528,7 @@ impl WireGuardBackend for Userspace {
                     stop_rx,
                     self.restarts.clone(),
                     self.ready_timeout,
+                    self.me,
                 ));
                 Running::Daemon { stop, task }
             }
@@ -512,6 +596,51 @@ impl WireGuardBackend for Userspace {
             }
         }
         Ok(())
+    }
+
+    async fn clear_leftovers(&self, iface: &str) -> Result<Vec<String>, FabricError> {
+        if self.running().get(iface).is_some_and(Running::is_alive) {
+            return Ok(Vec::new());
+        }
+        let netns = leftovers::thread_netns().map_err(|e| {
+            backend_err(self.name(), format!("reading this thread's namespace: {e}"))
+        })?;
+        let path = socket_path(iface);
+        let serving = leftovers::serving_pid(&path).await;
+        let mut servers = Vec::new();
+        if let Some(pid) = serving {
+            servers.push(Server::inspect(pid));
+        }
+        // Also a daemon of ours no longer serving its socket, such as one still exiting.
+        servers.extend(
+            leftovers::marked_for(iface)
+                .into_iter()
+                .filter(|s| Some(s.pid) != serving),
+        );
+        let mut done = Vec::new();
+        for server in servers {
+            // Someone else's is left alone: create refuses the name, saying whose it is.
+            let Verdict::Ours { owner } = server.judge(iface, &netns, self.me) else {
+                if Some(server.pid) == serving {
+                    return Ok(Vec::new());
+                }
+                continue;
+            };
+            stop_leftover(&server)
+                .await
+                .map_err(|m| backend_err(self.name(), m))?;
+            done.push(format!(
+                "replaced daemon pid {} ({}) left running by liqo-rs pid {} (gone)",
+                server.pid, server.cmdline, owner.pid
+            ));
+        }
+        if std::fs::remove_file(&path).is_ok() && done.is_empty() {
+            done.push(format!(
+                "removed control socket {} (its daemon is gone)",
+                path.display()
+            ));
+        }
+        Ok(done)
     }
 
     fn restarts(&self) -> watch::Receiver<u64> {

@@ -477,7 +477,7 @@ fn bad_configuration_is_refused_and_leaves_nothing() {
     assert!(
         e.contains(&format!(
             "interface name {iface} is already served by another WireGuard daemon"
-        )),
+        )) && e.contains("still running"),
         "{e}"
     );
     assert!(ok_in(&gw, &["wg", "show", &iface, "listen-port"]).trim() == "51820");

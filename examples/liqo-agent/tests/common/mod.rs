@@ -165,7 +165,20 @@ impl Agent {
         log: PathBuf,
         rust_log: &str,
     ) -> Result<Self, Error> {
+        Self::spawn_with_env(config, args, metrics, log, rust_log, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables.
+    pub fn spawn_with_env(
+        config: &Path,
+        args: &[String],
+        metrics: String,
+        log: PathBuf,
+        rust_log: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self, Error> {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_liqo-agent"))
+            .envs(env.iter().copied())
             .arg("--config")
             .arg(config)
             .args(args)
@@ -198,6 +211,14 @@ impl Agent {
             },
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         )
+    }
+
+    /// SIGKILL, as a crash: the agent cleans nothing up.
+    // Only the restart test crashes agents; each test binary compiles this module.
+    #[allow(dead_code)]
+    pub async fn kill(mut self) -> Result<(), Error> {
+        self.child.kill().await?;
+        Ok(())
     }
 
     /// Sends SIGTERM (to this child, by pid) and waits for the exit code.
