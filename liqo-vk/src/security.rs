@@ -26,8 +26,10 @@ use crate::{
     shadow::{self, REASON_LEVEL_CHANGED, ShadowPod},
 };
 
-/// The ValidatingAdmissionPolicy and its binding that hold ShadowPods in twin namespaces to the
-/// namespace's level (also in `deploy/shadowpod-security.yaml`).
+/// The ValidatingAdmissionPolicies and their bindings that hold what a consumer writes in its
+/// twin namespaces to the namespace's level: ShadowPods (`liqo-shadowpod-security`) and
+/// Services (`liqo-twin-service-guard`: no external IPs, no node ports below `privileged`).
+/// Also in `deploy/shadowpod-security.yaml`.
 pub const POLICY_YAML: &str = include_str!("shadowpod-security.yaml");
 
 /// The Pod Security Admission label prefix.
@@ -179,7 +181,7 @@ pub fn policy_objects() -> Result<Vec<DynamicObject>, VkError> {
         .collect()
 }
 
-/// Applies the ShadowPod security policy and its binding.
+/// Applies the policies of [`POLICY_YAML`] and their bindings.
 pub(crate) async fn install_policy(client: &kube::Client) -> Result<(), VkError> {
     for obj in policy_objects()? {
         let kind = obj
@@ -323,23 +325,26 @@ mod tests {
     }
 
     #[test]
-    fn the_policy_parses_into_a_policy_and_its_binding() {
+    fn the_policies_parse_each_with_its_binding() {
         let objs = policy_objects().unwrap();
-        let kinds: Vec<_> = objs
-            .iter()
-            .map(|o| o.types.as_ref().unwrap().kind.clone())
-            .collect();
-        assert_eq!(
-            kinds,
-            [
-                "ValidatingAdmissionPolicy",
-                "ValidatingAdmissionPolicyBinding"
-            ]
-        );
-        assert_eq!(
-            objs[1].data["spec"]["policyName"],
-            objs[0].metadata.name.clone().unwrap()
-        );
+        assert_eq!(objs.len(), 4);
+        for pair in objs.chunks(2) {
+            let kinds: Vec<_> = pair
+                .iter()
+                .map(|o| o.types.as_ref().unwrap().kind.clone())
+                .collect();
+            assert_eq!(
+                kinds,
+                [
+                    "ValidatingAdmissionPolicy",
+                    "ValidatingAdmissionPolicyBinding"
+                ]
+            );
+            assert_eq!(
+                pair[1].data["spec"]["policyName"],
+                pair[0].metadata.name.clone().unwrap()
+            );
+        }
     }
 
     #[test]

@@ -315,6 +315,40 @@ async fn a_consumer_writing_a_forbidden_shadow_pod_is_refused_naming_the_field()
     )
     .await?;
     api.delete("direct-plain", &DeleteParams::default()).await?;
+
+    // Services: no external IPs (they capture traffic on every provider node), no node ports
+    // below privileged.
+    let services = Api::<Service>::namespaced(remote.clone(), &twin("psa-direct"));
+    let service = |name: &str, type_: &str, external: Option<&str>| Service {
+        metadata: meta(name),
+        spec: Some(ServiceSpec {
+            type_: Some(type_.into()),
+            external_ips: external.map(|ip| vec![ip.to_owned()]),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    for (svc, field) in [
+        (
+            service("capture", "ClusterIP", Some("192.0.2.10")),
+            "spec.externalIPs",
+        ),
+        (service("exposed", "NodePort", None), "spec.type: NodePort"),
+    ] {
+        let s = liqo_lab::wait_until_refused(&remote, &twin("psa-direct"), &svc, WAIT).await?;
+        assert!(s.message.contains(field), "{:?}", s.message);
+    }
+    let dry = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    services
+        .create(&dry, &service("plain", "ClusterIP", None))
+        .await?;
     Ok(())
 }
 
@@ -484,5 +518,60 @@ async fn the_policy_follows_the_namespace_level_and_reports_a_level_change() -> 
     Api::<Namespace>::all(pa)
         .delete(ns, &DeleteParams::default())
         .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_running_pod_the_provider_would_refuse_now_says_so_on_the_consumer() -> TestResult {
+    let lab = env().await;
+    let (c, pa, _) = clients(lab);
+    let ns = "psa-later";
+    offload_to(&c, ns, "eu-west").await?;
+    let pods = Api::<Pod>::namespaced(c.clone(), ns);
+    create(&pods, &pod("web", pod_spec("busybox"))).await?;
+    wait_one(pods.clone(), "web", "the pod running remotely", |p| {
+        p.is_some_and(running)
+    })
+    .await?;
+    // What the provider's agent writes when a stricter level would refuse the running pod.
+    let shadows = Api::<ShadowPod>::namespaced(pa.clone(), &twin(ns));
+    let report = |conditions: serde_json::Value| {
+        let shadows = shadows.clone();
+        async move {
+            shadows
+                .patch_status(
+                    "web",
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"status": {"conditions": conditions}})),
+                )
+                .await
+        }
+    };
+    report(serde_json::json!([{
+        "type": shadow::ADMITTED, "status": "False", "reason": shadow::REASON_LEVEL_CHANGED,
+        "message": "the running pod would be refused now: (test)",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }]))
+    .await?;
+    let p = wait_one(pods.clone(), "web", "the report on the local pod", |p| {
+        p.and_then(admission).is_some()
+    })
+    .await?
+    .ok_or("pod vanished")?;
+    let cond = admission(&p).ok_or("no condition")?;
+    assert_eq!(cond.reason.as_deref(), Some(shadow::REASON_LEVEL_CHANGED));
+    assert!(
+        cond.message.as_deref().is_some_and(|m| m.starts_with(
+            "provider provider-a refused the pod: the running pod would be refused now"
+        )),
+        "{cond:?}"
+    );
+    assert!(running(&p), "the pod keeps running: {p:?}");
+    // The level relaxed again: the report goes.
+    report(serde_json::json!([])).await?;
+    wait_one(pods, "web", "the report gone from the local pod", |p| {
+        p.is_some_and(|p| admission(p).is_none())
+    })
+    .await?;
     Ok(())
 }
