@@ -147,6 +147,9 @@ fn allowed(c: &Cidr) -> (IpAddr, u8) {
     (c.net().network(), c.prefix_len())
 }
 
+/// How long a start over an earlier run's leftovers retries its first configuration.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(10);
+
 impl<B: WireGuardBackend> Gateway<B> {
     /// Creates the interface with `private_key` and brings it up. On failure nothing is left
     /// behind.
@@ -167,7 +170,20 @@ impl<B: WireGuardBackend> Gateway<B> {
             peers: BTreeMap::new(),
         };
         let leftovers = gw.leftovers().await?;
-        if let Err(e) = gw.apply().await {
+        let mut first = gw.apply().await;
+        // A killed predecessor's daemon may still be closing its UDP port and TUN: its
+        // environment and command line leave /proc before its sockets close, so the backend
+        // cannot always find it to wait for it. Retry for a while before giving up.
+        let deadline = tokio::time::Instant::now() + LEFTOVER_GRACE;
+        let mut pause = Duration::from_millis(100);
+        while !leftovers.is_empty() && tokio::time::Instant::now() < deadline {
+            let Err(e) = &first else { break };
+            debug!(error = %e, "configuring over an earlier run's leftovers failed; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+            first = gw.apply().await;
+        }
+        if let Err(e) = first {
             if let Err(cleanup) = gw.teardown().await {
                 debug!(error = %cleanup, "cleanup after a failed start");
             }

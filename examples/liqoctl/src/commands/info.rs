@@ -9,6 +9,7 @@ use liqo_core::{
     crds::{ForeignCluster, PeeringRole, ResourceOffer, Tunnel, foreign_cluster_condition as cond},
 };
 use liqo_peering_csr::quantity::Milli;
+use liqo_vk::pods::OFFLOADING_ADMITTED;
 use serde::Serialize;
 
 use super::{CondView, ago, discover, fc_conditions, node_name};
@@ -69,6 +70,35 @@ struct Usage {
     pods: usize,
     cpu: String,
     memory: String,
+    /// Pods the provider refuses to run (or would refuse now), with its reason.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    refused: Vec<RefusedPod>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RefusedPod {
+    namespace: String,
+    name: String,
+    reason: String,
+    message: String,
+}
+
+/// The provider's refusal shown on a local pod, if any.
+fn refusal(pod: &Pod) -> Option<RefusedPod> {
+    let c = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == OFFLOADING_ADMITTED && c.status == "False")?;
+    Some(RefusedPod {
+        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        reason: c.reason.clone().unwrap_or_default(),
+        message: c.message.clone().unwrap_or_default(),
+    })
 }
 
 fn is_peer(fc: &ForeignCluster) -> bool {
@@ -114,6 +144,7 @@ async fn usage(local: &Target, node: &str) -> Result<Usage, CliError> {
         )
     }) {
         u.pods += 1;
+        u.refused.extend(refusal(pod));
         let containers = pod.spec.iter().flat_map(|s| &s.containers);
         for c in containers {
             let req = c.resources.as_ref().and_then(|r| r.requests.as_ref());
@@ -234,6 +265,9 @@ fn resources(m: &BTreeMap<String, String>) -> String {
         .join(" ")
 }
 
+/// Refused pods listed per peer in the table; `-o yaml|json` has them all.
+const MAX_REFUSED_SHOWN: usize = 5;
+
 fn render(peers: &[PeerInfo]) -> String {
     let mut out = String::new();
     for (i, p) in peers.iter().enumerate() {
@@ -288,6 +322,22 @@ fn render(peers: &[PeerInfo]) -> String {
                 ),
             ],
         ];
+        let mut rows = rows;
+        for r in p.used.refused.iter().take(MAX_REFUSED_SHOWN) {
+            rows.push(vec![
+                "  refused".into(),
+                format!("{}/{} ({}): {}", r.namespace, r.name, r.reason, r.message),
+            ]);
+        }
+        if p.used.refused.len() > MAX_REFUSED_SHOWN {
+            rows.push(vec![
+                "  refused".into(),
+                format!(
+                    "... and {} more (-o yaml lists them all)",
+                    p.used.refused.len() - MAX_REFUSED_SHOWN
+                ),
+            ]);
+        }
         let t = output::table(&["", ""], &rows);
         // Drop the empty header line.
         out.push_str(t.split_once('\n').map(|(_, rest)| rest).unwrap_or(&t));
@@ -329,6 +379,56 @@ pub async fn info(cli: &Cli, local: &Target, only: Option<&ClusterId>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_pods_are_listed_with_the_reason() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "demo"},
+            "status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": OFFLOADING_ADMITTED, "status": "False", "reason": "OffloadingRefused",
+                 "message": "provider milan refused the pod: spec.template.spec.hostNetwork: host networking is not allowed"},
+            ]},
+        }))
+        .unwrap();
+        let refused: Vec<_> = std::iter::repeat_with(|| refusal(&pod).unwrap())
+            .take(MAX_REFUSED_SHOWN + 2)
+            .collect();
+        let peer = PeerInfo {
+            cluster_id: "milan".into(),
+            cluster_name: None,
+            role: "Provider".into(),
+            established_role: "Provider".into(),
+            authentication: None,
+            offer_accepted: None,
+            network: Network {
+                ready: None,
+                tunnel: None,
+            },
+            virtual_node: None,
+            offered: None,
+            used: Usage {
+                pods: refused.len(),
+                cpu: "0".into(),
+                memory: "0".into(),
+                refused,
+            },
+        };
+        let out = render(&[peer]);
+        assert!(
+            out.contains("  refused          demo/web-1 (OffloadingRefused): provider milan refused the pod: spec.template.spec.hostNetwork"),
+            "{out}"
+        );
+        assert_eq!(
+            out.matches("demo/web-1").count(),
+            MAX_REFUSED_SHOWN,
+            "{out}"
+        );
+        assert!(out.contains("... and 2 more"), "{out}");
+        let ok: Pod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "a"}})).unwrap();
+        assert!(refusal(&ok).is_none());
+    }
 
     #[test]
     fn byte_sizes() {
