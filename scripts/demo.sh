@@ -11,11 +11,16 @@
 #   scripts/demo.sh burst  cloud bursting on the running demo: a LocalAndRemote namespace fills
 #                          rome's own (small) nodes first, overflows onto the virtual nodes when
 #                          scaled up, and shrinks back home first when scaled down.
-#   scripts/demo.sh status the lab, the agents and the peerings.
-#   scripts/demo.sh down   stops the agents and the lab and removes everything (idempotent).
+#   scripts/demo.sh status the lab, the agents (with how often each was restarted) and the peerings.
+#   scripts/demo.sh down   stops the agents (whatever started them) and the lab and removes
+#                          everything (idempotent).
+#
+# Each agent runs under a small supervisor, as kubelet runs a container: `kill -9` it and it is
+# started again (back-off 1 s doubling to 30 s), and resumes from the cluster's objects.
 #
 # Everything lives in $LIQO_DEMO_DIR (default ~/.local/state/liqo-demo).
 set -euo pipefail
+SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cd "$(dirname "$0")/.."
 
 log() { printf '\n\033[1;34m==>\033[0m \033[1m%s\033[0m\n' "$*" >&2; }
@@ -120,6 +125,36 @@ virtualKubelet:
 EOF
 }
 
+# Runs the agent of cluster $1 like kubelet runs a container: started again whenever it exits,
+# after a back-off that doubles from 1 s to 30 s (reset once it ran for a minute), until
+# $AGENTS/$1.stop exists. Started detached by start_agents (`demo.sh __supervise <cluster>`).
+supervise() {
+  local c=$1 delay=1 started pid code restarts=0
+  echo $$ >"$AGENTS/$c.supervisor"
+  echo 0 >"$AGENTS/$c.restarts"
+  trap 'touch "$AGENTS/$c.stop"; [ -n "${pid:-}" ] && kill -TERM "$pid" 2>/dev/null' TERM INT
+  # Ends when told to stop, or when `down` removed the demo's directory.
+  while [ -f "$AGENTS/$c.yaml" ] && [ ! -e "$AGENTS/$c.stop" ]; do
+    started=$(date +%s)
+    "$BIN/liqo-agent" --config "$AGENTS/$c.yaml" >>"$AGENTS/$c.log" 2>&1 </dev/null &
+    pid=$!
+    echo "$pid" >"$AGENTS/$c.pid"
+    code=0
+    wait "$pid" || code=$?
+    # A trapped signal interrupts `wait`: the agent may still be stopping.
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+    { [ -e "$AGENTS/$c.stop" ] || [ ! -f "$AGENTS/$c.yaml" ]; } && break
+    if (( $(date +%s) - started >= 60 )); then delay=1; fi
+    restarts=$((restarts + 1))
+    echo "$restarts" >"$AGENTS/$c.restarts"
+    printf '%s demo supervisor: liqo-agent exited (status %s); restart %s in %ss\n' \
+      "$(date -Is)" "$code" "$restarts" "$delay" >>"$AGENTS/$c.log"
+    sleep "$delay"
+    delay=$(( delay * 2 > 30 ? 30 : delay * 2 ))
+  done
+  rm -f "$AGENTS/$c.pid" "$AGENTS/$c.supervisor"
+}
+
 start_agents() {
   local status c s pid
   status=$(lab status -o json)
@@ -127,35 +162,49 @@ start_agents() {
   for c in "${CLUSTERS[@]}"; do
     agent_config "$c" "$status" >"$AGENTS/$c.yaml"
     "$BIN/liqo-agent" --config "$AGENTS/$c.yaml" --check >/dev/null
-    setsid "$BIN/liqo-agent" --config "$AGENTS/$c.yaml" >"$AGENTS/$c.log" 2>&1 </dev/null &
-    echo $! >"$AGENTS/$c.pid"
-    note "$c: liqo-agent pid $! (config $AGENTS/$c.yaml, log $AGENTS/$c.log)"
+    rm -f "$AGENTS/$c.stop" "$AGENTS/$c.pid"
+    setsid "$SELF" __supervise "$c" </dev/null >/dev/null 2>&1 &
   done
   for c in "${CLUSTERS[@]}"; do
     s=${SLOT[$c]}
     for _ in $(seq 1 120); do
-      [ "$(http_status $((19090 + s)) /readyz)" = 200 ] && continue 2
-      pid=$(cat "$AGENTS/$c.pid")
-      kill -0 "$pid" 2>/dev/null || { tail -n 30 "$AGENTS/$c.log" >&2; die "the agent of $c exited"; }
+      [ "$(http_status $((19090 + s)) /readyz)" = 200 ] && {
+        note "$c: liqo-agent pid $(cat "$AGENTS/$c.pid"), supervised (config $AGENTS/$c.yaml, log $AGENTS/$c.log)"
+        continue 2
+      }
+      if [ "$(cat "$AGENTS/$c.restarts" 2>/dev/null || echo 0)" -gt 0 ]; then
+        tail -n 30 "$AGENTS/$c.log" >&2; die "the agent of $c exited (its supervisor restarts it; log above)"
+      fi
       sleep 0.5
     done
     tail -n 30 "$AGENTS/$c.log" >&2
     die "the agent of $c is not ready after 60 s (log above)"
   done
-  note "all agents ready (/readyz 200)"
+  note "all agents ready (/readyz 200); each restarts by itself if it dies (demo.sh status shows restarts)"
 }
 
+# Stops every agent of this demo, whatever started it: supervisors first (so nothing restarts),
+# then any liqo-agent running with one of this demo's configurations.
 stop_agents() {
-  local c pid
+  local c pid sups=()
+  [ -d "$AGENTS" ] || return 0
+  for c in "${CLUSTERS[@]}"; do touch "$AGENTS/$c.stop"; done
   for c in "${CLUSTERS[@]}"; do
-    [ -f "$AGENTS/$c.pid" ] || continue
-    pid=$(cat "$AGENTS/$c.pid")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-      kill -KILL "$pid" 2>/dev/null || true
-    fi
-    rm -f "$AGENTS/$c.pid"
+    pid=$(cat "$AGENTS/$c.supervisor" 2>/dev/null || true)
+    [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && sups+=("$pid")
+  done
+  pkill -TERM -f -- "liqo-agent --config $AGENTS/" 2>/dev/null || true
+  for _ in $(seq 1 40); do
+    pgrep -f -- "liqo-agent --config $AGENTS/" >/dev/null || break
+    sleep 0.25
+  done
+  pkill -KILL -f -- "liqo-agent --config $AGENTS/" 2>/dev/null || true
+  for pid in "${sups[@]}"; do
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  for c in "${CLUSTERS[@]}"; do
+    rm -f "$AGENTS/$c.pid" "$AGENTS/$c.supervisor"
     # wireguard-go keeps its control socket in the host's /run/wireguard.
     rm -f "/run/wireguard/liqo-$c.sock"
   done
@@ -301,11 +350,14 @@ EOF
 status() {
   find_kubectl
   lab status || true
-  local c pid
+  local c pid restarts
   for c in "${CLUSTERS[@]}"; do
     pid=$(cat "$AGENTS/$c.pid" 2>/dev/null || true)
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then note "agent $c: running (pid $pid)"
-    else note "agent $c: not running"; fi
+    restarts=$(cat "$AGENTS/$c.restarts" 2>/dev/null || echo 0)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      note "agent $c: running (pid $pid, up $(ps -o etime= -p "$pid" | tr -d ' '), restarts $restarts)"
+    elif [ -f "$AGENTS/$c.supervisor" ]; then note "agent $c: restarting (restarts $restarts; see $AGENTS/$c.log)"
+    else note "agent $c: not running (restarts $restarts)"; fi
   done
   [ -f "$(kc rome)" ] && liqoctl rome info || true
 }
@@ -326,5 +378,6 @@ case "$cmd" in
   burst) burst ;;
   status) status ;;
   down) down ;;
+  __supervise) supervise "$@" ;;
   *) echo "usage: scripts/demo.sh [up|burst|status|down]" >&2; exit 2 ;;
 esac
