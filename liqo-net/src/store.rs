@@ -106,9 +106,21 @@ impl FileStore {
         let list: Vec<&Allocation> = map.values().collect();
         let json = serde_json::to_vec_pretty(&list).map_err(|e| self.err("encoding", e))?;
         let tmp = self.path.with_extension("tmp");
-        tokio::fs::write(&tmp, json)
-            .await
-            .map_err(|e| self.err("writing", e))?;
+        // On disk before it replaces the old file, so a crash or a full disk leaves either the
+        // old file or the new one, never a torn one; a failed write leaves no temporary behind.
+        let target = tmp.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&target)?;
+            f.write_all(&json)?;
+            f.sync_all()
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = written {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(self.err("writing", e));
+        }
         tokio::fs::rename(&tmp, &self.path)
             .await
             .map_err(|e| self.err("replacing", e))
