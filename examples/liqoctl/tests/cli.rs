@@ -704,6 +704,11 @@ async fn peer_declares_intent_and_converges_with_the_agents() -> TestResult {
             .contains("✓ provider API reachable with the credential"),
         "{run:?}"
     );
+    assert!(
+        run.stdout
+            .contains("✓ offloaded pods admitted: 0 pods on liqo-"),
+        "{run:?}"
+    );
 
     let run = liqoctl(b, &["unpeer", provider_id, "--timeout", "120s"]).await;
     println!("{run:?}");

@@ -2,10 +2,13 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
+use k8s_openapi::{
+    api::core::v1::{Pod, Secret},
+    jiff::Timestamp,
+};
 use kube::{
     Api,
-    api::{ApiResource, DynamicObject},
+    api::{ApiResource, DynamicObject, ListParams},
     config::Kubeconfig,
 };
 use liqo_core::{
@@ -275,6 +278,41 @@ async fn check_peer(local: &Target, fc: &ForeignCluster, args: &DiagnoseArgs, r:
         }
     }
     check_network(local, fc, args, r).await;
+    if has_provider(want) || has_provider(have) {
+        check_admission(local, fc, r).await;
+    }
+}
+
+/// Pods on the peer's virtual node that the provider refuses to run (or would refuse now).
+async fn check_admission(local: &Target, fc: &ForeignCluster, r: &mut Report) {
+    let id = &fc.spec.cluster_id;
+    let node = super::node_name(id);
+    let step = "offloaded pods admitted";
+    let pods = match Api::<Pod>::all(local.client.clone())
+        .list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await
+    {
+        Ok(p) => p.items,
+        Err(e) => return r.fail_with(step, local.err(format!("listing pods on node {node}"))(e)),
+    };
+    let refused: Vec<_> = pods.iter().filter_map(super::info::refusal).collect();
+    match refused.first() {
+        None => r.pass(step, format!("{} pods on {node}, none refused", pods.len())),
+        Some(first) => r.fail(
+            step,
+            format!(
+                "{} of {} pods refused, e.g. {}/{}: {}",
+                refused.len(),
+                pods.len(),
+                first.namespace,
+                first.name,
+                first.message
+            ),
+            format!(
+                "{id}'s pod security level forbids them: change the pods (the message names the field), or ask {id}'s admin for another level (docs/security.md); `liqoctl info {id}` lists them all"
+            ),
+        ),
+    }
 }
 
 /// The credential's steps; false when one failed.

@@ -77,15 +77,15 @@ struct Usage {
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct RefusedPod {
-    namespace: String,
-    name: String,
-    reason: String,
-    message: String,
+pub(crate) struct RefusedPod {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) reason: String,
+    pub(crate) message: String,
 }
 
 /// The provider's refusal shown on a local pod, if any.
-fn refusal(pod: &Pod) -> Option<RefusedPod> {
+pub(crate) fn refusal(pod: &Pod) -> Option<RefusedPod> {
     let c = pod
         .status
         .as_ref()?
