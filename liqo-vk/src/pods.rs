@@ -41,8 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     names::{self, FIELD_MANAGER},
     queue::{self, Requeue, WorkQueue},
-    reflection::{EngineConfig, digest},
-    security,
+    reflection::{self, EngineConfig, Refusal, digest},
     shadow::{self, ShadowPod, ShadowPodSpec},
 };
 
@@ -386,16 +385,14 @@ impl Sides {
             {
                 Ok(_) => {}
                 // The provider's admission policy: no retry helps until the spec or the
-                // provider's level changes.
-                Err(kube::Error::Api(s))
-                    if matches!(s.code, 403 | 422) && s.message.contains("denied request") =>
-                {
-                    refused = Some((
-                        REASON_REFUSED,
-                        self.refused_by_provider(security::refusal_reason(&s.message)),
-                    ));
-                }
-                Err(e) => return Err(kube_err(&self.scope, "ShadowPod", &key, e)),
+                // provider's level changes. A twin namespace being deleted takes the pod along.
+                Err(e) => match reflection::final_refusal(&e) {
+                    Some(Refusal::Policy(reason)) => {
+                        refused = Some((REASON_REFUSED, self.refused_by_provider(&reason)));
+                    }
+                    Some(Refusal::NamespaceTerminating) => return Ok(Requeue::Done),
+                    None => return Err(kube_err(&self.scope, "ShadowPod", &key, e)),
+                },
             }
         }
         let admission = refused.map(|(reason, message)| PodCondition {

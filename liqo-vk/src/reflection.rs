@@ -181,6 +181,31 @@ pub trait Reflect: Send + Sync + 'static {
     }
 }
 
+/// How often an object an admission policy of the other cluster refused is tried again (its
+/// admin may change the policy; an edit of the source is tried at once).
+const POLICY_RECHECK: Duration = Duration::from_secs(300);
+
+/// A write refused for good: retrying cannot help while the namespace goes away (its deletion
+/// ends the reflection soon), nor against an admission policy until the object or the policy
+/// changes. Not an error, so no retry storm of warnings (seen: tens of thousands of lines while
+/// an offloaded namespace was deleted).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The target namespace is being deleted.
+    NamespaceTerminating,
+    /// An admission policy refused the object; the policy's own words.
+    Policy(String),
+}
+
+pub(crate) fn final_refusal(e: &kube::Error) -> Option<Refusal> {
+    let kube::Error::Api(s) = e else { return None };
+    if s.code == 403 && s.message.contains("being terminated") {
+        return Some(Refusal::NamespaceTerminating);
+    }
+    (matches!(s.code, 403 | 422) && s.message.contains("denied request"))
+        .then(|| Refusal::Policy(crate::security::refusal_reason(&s.message).to_owned()))
+}
+
 /// Tunables of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EngineConfig {
@@ -376,15 +401,30 @@ impl<R: Reflect> Sides<R> {
                 }
             }
         }
-        self.target_api
+        match self
+            .target_api
             .patch(
                 &target_name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&desired),
             )
             .await
-            .map_err(|e| self.err(&target_name, e))?;
-        Ok(requeue)
+        {
+            Ok(_) => Ok(requeue),
+            Err(e) => match final_refusal(&e) {
+                Some(Refusal::NamespaceTerminating) => {
+                    tracing::debug!(kind = %self.kind, namespace = %self.target_ns, name = %target_name,
+                        "not reflecting into a namespace being deleted");
+                    Ok(Requeue::Done)
+                }
+                Some(Refusal::Policy(reason)) => {
+                    tracing::warn!(kind = %self.kind, namespace = %self.target_ns, name = %target_name,
+                        %reason, "not reflected: refused by an admission policy of the other cluster");
+                    Ok(Requeue::After(POLICY_RECHECK))
+                }
+                None => Err(self.err(&target_name, e)),
+            },
+        }
     }
 
     async fn delete(&self, name: &str, uid: Option<String>) -> Result<(), ReflectionError> {
@@ -571,6 +611,38 @@ impl<R: Reflect> ResourceReflector for Reflector<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn api_error(code: u16, message: &str) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            message: message.to_owned(),
+            ..kube::core::Status::default()
+        }))
+    }
+
+    #[test]
+    fn writes_refused_for_good_are_not_errors() {
+        assert_eq!(
+            final_refusal(&api_error(
+                403,
+                "events \"x\" is forbidden: unable to create new content in namespace demo because it is being terminated"
+            )),
+            Some(Refusal::NamespaceTerminating)
+        );
+        assert_eq!(
+            final_refusal(&api_error(
+                403,
+                "services \"web\" is forbidden: ValidatingAdmissionPolicy 'liqo-twin-service-guard' with binding 'liqo-twin-service-guard' denied request: spec.type: NodePort opens ports"
+            )),
+            Some(Refusal::Policy("spec.type: NodePort opens ports".into()))
+        );
+        // Anything else is retried with backoff.
+        assert_eq!(
+            final_refusal(&api_error(403, "forbidden: User cannot patch")),
+            None
+        );
+        assert_eq!(final_refusal(&api_error(500, "etcd timeout")), None);
+    }
 
     fn meta(ann: &[(&str, &str)], lab: &[(&str, &str)]) -> ObjectMeta {
         ObjectMeta {
