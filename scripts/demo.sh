@@ -11,6 +11,10 @@
 #   scripts/demo.sh burst  cloud bursting on the running demo: a LocalAndRemote namespace fills
 #                          rome's own (small) nodes first, overflows onto the virtual nodes when
 #                          scaled up, and shrinks back home first when scaled down.
+#   scripts/demo.sh restart [rome|milan|turin]
+#                          kill -9 of that cluster's agent on the running demo: seconds until
+#                          its restart is ready and every tunnel handshakes again, and whether
+#                          credentials, remote pods or tunnel keys were made again.
 #   scripts/demo.sh status the lab, the agents (with how often each was restarted) and the peerings.
 #   scripts/demo.sh down   stops the agents (whatever started them) and the lab and removes
 #                          everything (idempotent).
@@ -77,7 +81,7 @@ http_status() {
   local port=$1 path=$2 line
   { exec 3<>"/dev/tcp/127.0.0.1/$port"; } 2>/dev/null || { echo 000; return; }
   printf 'GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n' "$path" >&3
-  IFS= read -r -t 5 line <&3 || line=""
+  IFS= read -r -t 5 line <&3 2>/dev/null || line=""
   exec 3<&- 3>&-
   set -- $line
   echo "${2:-000}"
@@ -307,6 +311,48 @@ up() {
   note "next: scripts/demo.sh burst | scripts/demo.sh status | scripts/demo.sh down"
 }
 
+# kill -9 of one agent on the running demo, and what its restart costs: seconds until its
+# supervisor's new process is ready and until every tunnel of rome has a fresh handshake, and
+# whether anything was made again (the credentials, the remote pods, the gateway's key).
+restart() {
+  local c=${1:-rome} s p before_pods after_pods before_keys after_keys before_creds after_creds
+  find_kubectl
+  lab status >/dev/null 2>&1 || die "no demo is up: run scripts/demo.sh first"
+  [ -n "${SLOT[$c]:-}" ] || die "no cluster $c (rome, milan or turin)"
+  s=${SLOT[$c]}
+  remote_pods() { for p in milan turin; do k "$p" -n demo-rome get pods -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.uid}{"\n"}{end}'; done | sort; }
+  creds() { for p in milan turin; do k rome -n "liqo-tenant-$p" get secret "liqo-kubeconfig-$p" -o jsonpath='{.metadata.resourceVersion}{" "}'; done; }
+  keys() { for p in milan turin; do k rome -n "liqo-tenant-$p" get tunnel "$p" -o jsonpath='{.status.localPublicKey}/{.spec.peerPublicKey}{" "}' 2>/dev/null; done; }
+  # What rome's WireGuard device says (its control socket is on this machine); the Tunnel
+  # objects' status is refreshed less often.
+  # The tunnels the restart broke: all of rome's, or rome's tunnel to that provider.
+  handshakes_after() {
+    local since=$1 want=2 key=
+    if [ "$c" != rome ]; then want=1; key=$(wg show "liqo-$c" public-key 2>/dev/null); fi
+    [ "$(wg show liqo-rome latest-handshakes 2>/dev/null \
+      | awk -v t="$since" -v k="$key" '$2 >= t && (k == "" || $1 == k)' | wc -l)" -ge "$want" ]
+  }
+  before_pods=$(remote_pods); before_creds=$(creds); before_keys=$(keys)
+  log "kill -9 of the agent of $c (pid $(cat "$AGENTS/$c.pid"))"
+  local t0 t_ready= t_tunnels=
+  t0=$(date +%s.%N)
+  kill -9 "$(cat "$AGENTS/$c.pid")"
+  for _ in $(seq 1 600); do
+    if [ -z "$t_ready" ] && [ "$(http_status $((19090 + s)) /readyz)" = 200 ] \
+        && [ "$(cat "$AGENTS/$c.restarts")" -gt 0 ]; then t_ready=$(date +%s.%N); fi
+    if [ -n "$t_ready" ] && handshakes_after "${t0%.*}"; then t_tunnels=$(date +%s.%N); break; fi
+    sleep 0.2
+  done
+  [ -n "$t_tunnels" ] || die "the tunnels did not handshake again within 120 s (see $AGENTS/$c.log)"
+  after_pods=$(remote_pods); after_creds=$(creds); after_keys=$(keys)
+  secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", a - b }'; }
+  note "ready (/readyz 200) $(secs "$t_ready" "$t0") s after the kill, tunnels handshaking again $(secs "$t_tunnels" "$t0") s after"
+  note "remote pods: $([ "$before_pods" = "$after_pods" ] && echo "the same ($(echo "$after_pods" | grep -c =) pods, same uids)" || echo "CHANGED")"
+  note "rome's credentials: $([ "$before_creds" = "$after_creds" ] && echo "untouched" || echo "rewritten ($before_creds -> $after_creds)")"
+  note "tunnel keys: $([ "$before_keys" = "$after_keys" ] && echo "the same" || echo "CHANGED")"
+  note "supervisor restarts of $c: $(cat "$AGENTS/$c.restarts")"
+}
+
 burst() {
   find_kubectl
   lab status >/dev/null 2>&1 || die "no demo is up: run scripts/demo.sh first"
@@ -376,8 +422,9 @@ shift || true
 case "$cmd" in
   up) up "$@" ;;
   burst) burst ;;
+  restart) restart "$@" ;;
   status) status ;;
   down) down ;;
   __supervise) supervise "$@" ;;
-  *) echo "usage: scripts/demo.sh [up|burst|status|down]" >&2; exit 2 ;;
+  *) echo "usage: scripts/demo.sh [up|burst|restart [CLUSTER]|status|down]" >&2; exit 2 ;;
 esac
