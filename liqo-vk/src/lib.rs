@@ -23,6 +23,7 @@
 
 mod consumer;
 mod error;
+mod events;
 mod links;
 pub mod names;
 mod offloading;

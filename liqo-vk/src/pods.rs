@@ -27,7 +27,7 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, Preconditions, PropagationPolicy},
     runtime::{
         WatchStreamExt,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{Recorder, Reporter},
         reflector::{self, ObjectRef, Store},
         watcher,
     },
@@ -458,19 +458,14 @@ impl Sides {
             (Some(want), _) => {
                 let message = want.message.clone().unwrap_or_default();
                 tracing::warn!(pod = %name, namespace = %self.scope.local_namespace, %message, "offloading refused");
-                self.recorder
-                    .publish(
-                        &Event {
-                            type_: EventType::Warning,
-                            reason: REASON_REFUSED.to_owned(),
-                            note: Some(message.clone()),
-                            action: "Offload".to_owned(),
-                            secondary: None,
-                        },
-                        &local.object_ref(&()),
-                    )
-                    .await
-                    .unwrap_or_else(|e| tracing::debug!(error = %e, "publishing an event failed"));
+                crate::events::warn(
+                    &self.recorder,
+                    &local.object_ref(&()),
+                    REASON_REFUSED,
+                    "Offload",
+                    &message,
+                )
+                .await;
                 let mut cond = want.clone();
                 cond.last_transition_time = Some(Time(Timestamp::now()));
                 json!({"status": {"reason": REASON_REFUSED, "message": message, "conditions": [cond]}})

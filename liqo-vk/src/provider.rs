@@ -24,7 +24,7 @@ use kube::{
     runtime::{
         Controller,
         controller::Action,
-        events::{Event, EventType, Recorder, Reporter},
+        events::{Recorder, Reporter},
         finalizer::{Event as Finalizer, finalizer},
         reflector::ObjectRef,
         watcher,
@@ -307,16 +307,15 @@ async fn set_ready(
         .await
         .ctx(|| format!("updating the status of RemoteNamespace {}", owner_key(rn)))?;
     if status == Status::False {
-        let ev = Event {
-            type_: EventType::Warning,
-            reason: reason.to_owned(),
-            note: Some(message.to_owned()),
-            action: "CreateTwinNamespace".to_owned(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&ev, &rn.object_ref(&())).await {
-            tracing::debug!(error = %e, "publishing an event failed");
-        }
+        let about = rn.object_ref(&());
+        crate::events::warn(
+            &ctx.recorder,
+            &about,
+            reason,
+            "CreateTwinNamespace",
+            message,
+        )
+        .await;
     }
     Ok(())
 }

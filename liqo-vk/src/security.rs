@@ -14,7 +14,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::{
     Api, Resource, ResourceExt,
     api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams},
-    runtime::events::{Event, EventType, Recorder},
+    runtime::events::Recorder,
 };
 use liqo_core::ClusterId;
 use serde_json::json;
@@ -249,16 +249,15 @@ pub async fn report_existing(
         };
         if let Some(message) = &refusal {
             tracing::warn!(namespace, shadow_pod = %name, %message, "offloaded pod no longer admitted");
-            let ev = Event {
-                type_: EventType::Warning,
-                reason: REASON_LEVEL_CHANGED.to_owned(),
-                note: Some(message.clone()),
-                action: "CheckPodSecurity".to_owned(),
-                secondary: None,
-            };
-            if let Err(e) = recorder.publish(&ev, &sp.object_ref(&())).await {
-                tracing::debug!(error = %e, "publishing an event failed");
-            }
+            let about = sp.object_ref(&());
+            crate::events::warn(
+                recorder,
+                &about,
+                REASON_LEVEL_CHANGED,
+                "CheckPodSecurity",
+                message,
+            )
+            .await;
         }
         // A refusal of another kind (the pod could not be made) is the ShadowPod controller's.
         let ours = shadow::refusal(&sp).is_none_or(|(reason, _)| reason == REASON_LEVEL_CHANGED);

@@ -24,7 +24,7 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt, conditions,
         controller::Action,
-        events::{Event, EventType, Recorder},
+        events::Recorder,
         reflector::{self, ObjectRef, Store},
         wait::await_condition,
         watcher,
@@ -357,16 +357,15 @@ async fn create(
                 let message = format!("namespace {ns}: {message}");
                 tracing::warn!(namespace = %ns, pod = %name, reason = %message, "pod refused by the provider's pod security level");
                 if refusal(sp) != Some((REASON_POD_SECURITY, message.as_str())) {
-                    let ev = Event {
-                        type_: EventType::Warning,
-                        reason: REASON_POD_SECURITY.to_owned(),
-                        note: Some(message.clone()),
-                        action: "CreatePod".to_owned(),
-                        secondary: None,
-                    };
-                    if let Err(e) = ctx.recorder.publish(&ev, &sp.object_ref(&())).await {
-                        tracing::debug!(error = %e, "publishing an event failed");
-                    }
+                    let about = sp.object_ref(&());
+                    crate::events::warn(
+                        &ctx.recorder,
+                        &about,
+                        REASON_POD_SECURITY,
+                        "CreatePod",
+                        &message,
+                    )
+                    .await;
                 }
                 set_refusal(&ctx.client, sp, Some((REASON_POD_SECURITY, &message))).await?;
                 Ok(Action::requeue(REFUSED_RECHECK))
