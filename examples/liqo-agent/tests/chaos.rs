@@ -33,7 +33,9 @@ use futures::{StreamExt, pin_mut};
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec},
-        core::v1::{Container, ContainerPort, Namespace, Node, Pod, PodSpec, PodTemplateSpec},
+        core::v1::{
+            Container, ContainerPort, Event, Namespace, Node, Pod, PodSpec, PodTemplateSpec,
+        },
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
@@ -67,7 +69,7 @@ const WAIT: Duration = Duration::from_secs(90);
 /// The longest a recovery may take (generous: the machine may be loaded).
 const RECOVERY: Duration = Duration::from_secs(180);
 /// How many times each kind of fault is injected.
-const ROUNDS: usize = 2;
+const ROUNDS: usize = 3;
 const CONSUMER: &str = "ch-a";
 const PROVIDER: &str = "ch-b";
 const POD_CIDR: &str = "10.244.0.0/16";
@@ -686,10 +688,15 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
     };
 
     let t0 = Instant::now();
-    let (first, mut pods) = recovered(&probe, &consumer, &provider, desired as usize, t0).await?;
+    let first = recovered(&probe, &consumer, &provider, desired as usize, t0).await?;
+    let mut pods = first.pods.clone();
     let set_up = started.elapsed();
     eprintln!(
-        "chaos: peered, {desired} pods offloaded and answering in {first:?} ({set_up:?} since start)"
+        "chaos: peered, {desired} pods offloaded and answering in {:.1}s ({:.1}s since start); \
+         waited on: {}",
+        first.took.as_secs_f64(),
+        set_up.as_secs_f64(),
+        first.waited()
     );
 
     let mut results: Vec<(Fault, Duration)> = vec![];
@@ -728,8 +735,8 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
                     provider.start()?;
                 }
             }
-            let (took, now) =
-                recovered(&probe, &consumer, &provider, desired as usize, since).await?;
+            let r = recovered(&probe, &consumer, &provider, desired as usize, since).await?;
+            let (took, now) = (r.took, r.pods.clone());
             // A killed agent's daemon (stopped by the kernel) and a killed daemon are replaced;
             // the other gateway's daemon is left alone.
             let (consumer_hit, provider_hit) = match fault {
@@ -752,9 +759,10 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
             eprintln!(
                 "chaos: {} (round {round}), replicas {before}->{desired}: recovered in {:.1}s; \
                  {desired} local pods, {desired} ShadowPods, {desired} remote pods, lost 0, \
-                 duplicated 0, orphans 0",
+                 duplicated 0, orphans 0; waited on: {}",
                 fault.name(),
-                took.as_secs_f64()
+                took.as_secs_f64(),
+                r.waited()
             );
             // Scaling up keeps every pod and adds some, scaling down only removes: a pod
             // replaced at home would be one lost (and its remote twin with it).
@@ -763,11 +771,14 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
             } else {
                 now.is_subset(&pods)
             };
-            assert!(
-                kept,
-                "{}: pods {pods:?} became {now:?} scaling {before}->{desired}",
-                fault.name()
-            );
+            if !kept {
+                return Err(format!(
+                    "{}: pods {pods:?} became {now:?} scaling {before}->{desired}; events:\n{}",
+                    fault.name(),
+                    events(&a).await
+                )
+                .into());
+            }
             pods = now;
             results.push((fault, took));
         }
@@ -831,15 +842,33 @@ struct Probe {
     interfaces: [String; 2],
 }
 
-/// Waits until everything has recovered; the time it took since `since`.
+/// A recovery: how long it took, the offloaded pods, and what it waited on when.
+struct Recovery {
+    took: Duration,
+    pods: BTreeSet<String>,
+    waited: Vec<(Duration, String)>,
+}
+
+impl Recovery {
+    fn waited(&self) -> String {
+        self.waited
+            .iter()
+            .map(|(t, w)| format!("{:.1}s {w}", t.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// Waits until everything has recovered (see [`Recovery`]) since `since`.
 async fn recovered(
     probe: &Probe,
     consumer: &Supervised,
     provider: &Supervised,
     desired: usize,
     since: Instant,
-) -> Result<(Duration, BTreeSet<String>), Error> {
+) -> Result<Recovery, Error> {
     let deadline = since + RECOVERY;
+    let mut waited: Vec<(Duration, String)> = vec![];
     loop {
         let refused: Vec<String> = consumer
             .refusals()
@@ -855,9 +884,20 @@ async fn recovered(
         }
         let metrics = [&consumer.agent()?.metrics, &provider.agent()?.metrics];
         let why = match check(probe, desired, metrics).await {
-            Ok(pods) => return Ok((since.elapsed(), pods)),
+            Ok(pods) => {
+                return Ok(Recovery {
+                    took: since.elapsed(),
+                    pods,
+                    waited,
+                });
+            }
             Err(why) => why,
         };
+        // What recovery waited on, each reason once with when it was first seen.
+        let kind: String = why.split(':').next().unwrap_or_default().to_owned();
+        if waited.last().is_none_or(|(_, w)| *w != kind) {
+            waited.push((since.elapsed(), kind));
+        }
         if Instant::now() > deadline {
             let agents: Vec<&Agent> = [consumer.agent.as_ref(), provider.agent.as_ref()]
                 .into_iter()
@@ -907,4 +947,42 @@ async fn check(
         }
     }
     Ok(names)
+}
+
+/// The consumer's events about the offloaded namespace's pods and the nodes, oldest first, one
+/// a line: what happened to a pod that went missing.
+async fn events(a: &Client) -> String {
+    let mut lines = vec![];
+    for api in [
+        Api::<Event>::namespaced(a.clone(), OFFLOADED_NS),
+        Api::<Event>::namespaced(a.clone(), "default"),
+    ] {
+        match api.list(&Default::default()).await {
+            Ok(list) => lines.extend(list.items.into_iter().map(|e| {
+                let at = e
+                    .last_timestamp
+                    .map(|t| t.0)
+                    .or(e.event_time.map(|t| t.0))
+                    .or(e.metadata.creation_timestamp.map(|t| t.0))
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                let line = format!(
+                    "{at} {}/{} {} {}: {}",
+                    e.involved_object.kind.unwrap_or_default(),
+                    e.involved_object.name.unwrap_or_default(),
+                    e.reason.unwrap_or_default(),
+                    e.source.and_then(|s| s.component).unwrap_or_default(),
+                    e.message.unwrap_or_default()
+                );
+                (at, line)
+            })),
+            Err(e) => lines.push((String::new(), format!("listing events: {e}"))),
+        }
+    }
+    lines.sort();
+    lines
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
