@@ -441,11 +441,23 @@ impl World {
     /// The offloaded pods (name, address at home) if every object is as recovery requires,
     /// else what is not.
     fn settled(&self, desired: usize, node: &str) -> Result<Vec<(String, Ipv4Addr)>, String> {
-        if !self.consumer_fc.state().iter().any(|fc| network_ready(fc)) {
-            return Err("the consumer's ForeignCluster is not NetworkReady".into());
-        }
-        if !self.provider_fc.state().iter().any(|fc| network_ready(fc)) {
-            return Err("the provider's ForeignCluster is not NetworkReady".into());
+        for (side, store) in [
+            ("consumer", &self.consumer_fc),
+            ("provider", &self.provider_fc),
+        ] {
+            let fcs = store.state();
+            if !fcs.iter().any(|fc| network_ready(fc)) {
+                let reason = fcs
+                    .iter()
+                    .filter_map(|fc| fc.status.as_ref())
+                    .flat_map(|s| s.conditions.iter())
+                    .find(|c| c.type_ == foreign_cluster_condition::NETWORK_READY)
+                    .map(|c| format!("{} {}", c.status, c.reason))
+                    .unwrap_or_else(|| "absent".into());
+                return Err(format!(
+                    "the {side}'s ForeignCluster is not NetworkReady ({reason})"
+                ));
+            }
         }
         if !self.node.state().iter().any(|n| node_ready(n)) {
             return Err("the virtual node is not Ready".into());
