@@ -400,12 +400,13 @@ impl NetworkController {
             failures: Mutex::default(),
             names: Mutex::default(),
         });
-        let checker = LinkChecker::spawn(
+        let checker = LinkChecker::spawn_rechecking(
             Arc::new(Recording {
                 fabric: self.fabric.clone(),
                 links: self.links.clone(),
             }),
             self.check_interval,
+            Some(self.links.changes()),
         );
         let mut changes = checker.subscribe();
         let names_ctx = ctx.clone();
