@@ -69,7 +69,7 @@ const WAIT: Duration = Duration::from_secs(90);
 /// The longest a recovery may take (generous: the machine may be loaded).
 const RECOVERY: Duration = Duration::from_secs(180);
 /// How many times each kind of fault is injected.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const CONSUMER: &str = "ch-a";
 const PROVIDER: &str = "ch-b";
 const POD_CIDR: &str = "10.244.0.0/16";
