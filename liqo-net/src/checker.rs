@@ -108,6 +108,12 @@ pub async fn report_network_ready(
     Ok(true)
 }
 
+/// How soon a link still connecting is checked again, during [`FAST_WINDOW`].
+pub const CONNECTING_RECHECK: Duration = Duration::from_millis(250);
+/// How long after a link is made (or the checker starts) a connecting link is checked every
+/// [`CONNECTING_RECHECK`]; a peer that stays unreachable is then checked every interval.
+pub const FAST_WINDOW: Duration = Duration::from_secs(15);
+
 /// Something that can report the status of all its links.
 #[async_trait]
 pub trait LinkSource: Send + Sync + 'static {
@@ -135,12 +141,22 @@ fn summary(m: &BTreeMap<ClusterId, LinkStatus>) -> Summary<'_> {
 impl LinkChecker {
     /// Starts checking `source` every `interval`.
     pub fn spawn<L: LinkSource + ?Sized>(source: Arc<L>, interval: Duration) -> Self {
+        Self::spawn_rechecking(source, interval, None)
+    }
+
+    /// Like [`spawn`](Self::spawn), and also checks at once whenever `recheck` changes (a link
+    /// made), then every [`CONNECTING_RECHECK`] while a link is still connecting, for at most
+    /// [`FAST_WINDOW`]: a new link's first handshake gates NetworkReady, so recovery after a
+    /// restart, and should not wait for the next `interval`.
+    pub fn spawn_rechecking<L: LinkSource + ?Sized>(
+        source: Arc<L>,
+        interval: Duration,
+        mut recheck: Option<watch::Receiver<u64>>,
+    ) -> Self {
         let (tx, rx) = watch::channel(BTreeMap::new());
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut fast_until = tokio::time::Instant::now() + FAST_WINDOW;
             loop {
-                tick.tick().await;
                 match source.link_statuses().await {
                     Ok(now) => {
                         tx.send_if_modified(|cur| {
@@ -153,6 +169,32 @@ impl LinkChecker {
                 }
                 if tx.is_closed() {
                     return;
+                }
+                let connecting = tx
+                    .borrow()
+                    .values()
+                    .any(|s| s.state == LinkState::Connecting);
+                let wait = if connecting && tokio::time::Instant::now() < fast_until {
+                    interval.min(CONNECTING_RECHECK)
+                } else {
+                    interval
+                };
+                let rechecked = async {
+                    match recheck.as_mut() {
+                        Some(r) => r.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    open = rechecked => {
+                        if open {
+                            fast_until = tokio::time::Instant::now() + FAST_WINDOW;
+                        } else {
+                            // Its source is gone: back to the plain interval.
+                            recheck = None;
+                        }
+                    }
                 }
             }
         });

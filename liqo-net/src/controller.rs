@@ -213,13 +213,36 @@ struct LinksInner {
 
 /// A cheap-clone read handle on the controller's links: address translation for the virtual
 /// kubelet and per-peer status for metrics.
-#[derive(Debug, Clone, Default)]
-pub struct Links(Arc<Mutex<LinksInner>>);
+#[derive(Debug, Clone)]
+pub struct Links {
+    inner: Arc<Mutex<LinksInner>>,
+    /// Bumped whenever a translator would come out different (a link made or removed, the
+    /// peer's view of us applied), so holders of an older one can take a new one.
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            changed: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+}
 
 impl Links {
     fn lock(&self) -> std::sync::MutexGuard<'_, LinksInner> {
         // Every update is a plain insert or remove: a panic elsewhere leaves it consistent.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes whenever [`translator`](Self::translator) may answer differently for some peer.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The translator of `cluster`'s addresses, while connected.
@@ -377,12 +400,13 @@ impl NetworkController {
             failures: Mutex::default(),
             names: Mutex::default(),
         });
-        let checker = LinkChecker::spawn(
+        let checker = LinkChecker::spawn_rechecking(
             Arc::new(Recording {
                 fabric: self.fabric.clone(),
                 links: self.links.clone(),
             }),
             self.check_interval,
+            Some(self.links.changes()),
         );
         let mut changes = checker.subscribe();
         let names_ctx = ctx.clone();
@@ -492,6 +516,7 @@ async fn reconcile(fc: Arc<ForeignCluster>, ctx: Arc<Ctx>) -> Result<Action, Net
             Ok(link) => {
                 info!(%peer, mappings = ?link.remote_mappings, "network connected");
                 ctx.links.lock().links.insert(peer.clone(), link);
+                ctx.links.bump();
                 state.params = params.clone();
             }
             Err(e) => {
@@ -689,6 +714,7 @@ async fn teardown(ctx: &Ctx, fc: &ForeignCluster, peer: &ClusterId) -> Result<()
         g.statuses.remove(peer);
         g.views.remove(peer);
     }
+    ctx.links.bump();
     info!(%peer, "network disconnected");
     // My view: best effort on the peer's side (unpeering deletes its tenant namespace anyway).
     if let Some(ex) = state.as_ref().and_then(|s| s.exchange.clone()) {
@@ -878,6 +904,7 @@ async fn watch_view(ctx: Arc<Ctx>, peer: ClusterId, fc_name: String, ex: Exchang
                     if let Some(l) = ctx.links.lock().links.get_mut(&peer) {
                         l.local_mappings = view.mappings.clone();
                     }
+                    ctx.links.bump();
                     applied = Some(view.mappings.clone());
                     view
                 }

@@ -308,6 +308,20 @@ impl ConsumerAgent {
             None => None,
         };
 
+        // A changed address translation (a network link made) re-reconciles every offloading,
+        // which restarts the reflections whose translator changed.
+        let changes = self.translation.changes();
+        let translation_tx = ctx.nso_all_tx.clone();
+        let translation_changes = async move {
+            let Some(mut rx) = changes else {
+                return futures::future::pending().await;
+            };
+            while rx.changed().await.is_ok() {
+                let _ = translation_tx.unbounded_send(());
+            }
+            // The source is gone with its network controller: nothing changes any more.
+            futures::future::pending::<()>().await
+        };
         let vn = virtual_node::run(ctx.clone(), vn_rx);
         let nso = offloading::run(offloading_ctl, ctx.clone(), nso_rx, nso_all_rx);
         tracing::info!(cluster = %self.me, "consumer agent started");
@@ -317,6 +331,7 @@ impl ConsumerAgent {
             () = nso => tracing::warn!("offloading controller ended"),
             () = nodes => tracing::warn!("virtual node watch ended"),
             () = offloadings_watch => tracing::warn!("offloading watch ended"),
+            () = translation_changes => {}
         }
         cancel.cancel();
         ctx.reflections.halt().await;

@@ -14,6 +14,13 @@ use liqo_core::{AddressTranslator, Cidr, CidrMapping, ClusterId, RuntimeHandle};
 pub trait AddressTranslation: Send + Sync + 'static {
     /// The translator for `provider`.
     async fn translator(&self, provider: &ClusterId) -> AddressTranslator;
+
+    /// Changes whenever [`translator`](Self::translator) may answer differently (a network
+    /// link made after reflection started); `None` for translations that never change. The
+    /// consumer then re-checks its reflections and restarts those whose translator changed.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// A translator that changes no address, IPv4 or IPv6.

@@ -46,6 +46,16 @@ pub(crate) async fn run(
     all: mpsc::UnboundedReceiver<()>,
 ) {
     let cancel = ctx.shutdown.clone();
+    // Until the first listing of the virtual nodes, an empty store would read as "no cluster
+    // selected" and unoffload every namespace: after a restart that deleted the twin namespaces
+    // (remote pods with them) and every offloaded pod at home. The only waiter on this store.
+    tokio::select! {
+        () = cancel.cancelled() => return,
+        r = ctx.virtual_nodes.wait_until_ready() => if r.is_err() {
+            tracing::warn!("the virtual node watch ended before its first listing");
+            return;
+        }
+    }
     ctl.reconcile_on(one)
         .reconcile_all_on(all)
         .with_config(
@@ -246,6 +256,7 @@ async fn apply(nso: &NamespaceOffloading, ctx: &Arc<Ctx>) -> Result<Action, VkEr
     );
     let mut entries = vec![];
     let mut selected: BTreeSet<ClusterId> = BTreeSet::new();
+    let mut known: BTreeSet<ClusterId> = BTreeSet::new();
     for node in ctx.virtual_nodes.state() {
         let Some(id) = node
             .labels()
@@ -254,6 +265,7 @@ async fn apply(nso: &NamespaceOffloading, ctx: &Arc<Ctx>) -> Result<Action, VkEr
         else {
             continue;
         };
+        known.insert(id.clone());
         if !selector::matches(
             nso.spec.cluster_selector.as_ref(),
             &node.name_any(),
@@ -293,8 +305,11 @@ async fn apply(nso: &NamespaceOffloading, ctx: &Arc<Ctx>) -> Result<Action, VkEr
             }),
         }
     }
+    // Unoffloading deletes pods: only for a provider whose virtual node we see and the selector
+    // excludes. A session can start before its node reaches the store (a new peering, a
+    // restart), and a node we do not see says nothing about the selector.
     for session in ctx.all_sessions() {
-        if !selected.contains(&session.cluster) {
+        if known.contains(&session.cluster) && !selected.contains(&session.cluster) {
             unoffload(ctx, &session, &ns).await?;
         }
     }

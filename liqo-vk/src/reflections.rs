@@ -45,7 +45,7 @@ impl Reflections {
     }
 
     /// Starts reflecting `local_ns` to `remote_ns` on `cluster`; a no-op when already running
-    /// for the same pair, a restart when the twin namespace changed.
+    /// for the same pair with the same translator, a restart when either changed.
     pub(crate) async fn start(
         &self,
         cluster: &ClusterId,
@@ -54,14 +54,28 @@ impl Reflections {
         remote_ns: &str,
     ) {
         let key = (cluster.clone(), local_ns.to_owned());
-        let stale = {
-            let running = self.running.lock().await;
+        let translator = self.translation.translator(cluster).await;
+        let (stale, restart) = {
+            let mut running = self.running.lock().await;
             match running.get(&key) {
-                Some(r) if r.remote_namespace == remote_ns => return,
-                Some(_) => true,
-                None => false,
+                Some(r) if r.remote_namespace == remote_ns && r.scope.translator == translator => {
+                    return;
+                }
+                Some(r) if r.remote_namespace == remote_ns => (false, running.remove(&key)),
+                Some(_) => (true, None),
+                None => (false, None),
             }
         };
+        // Same twin, new addresses (the network link came up after reflection started, which
+        // then translated nothing): start over with the new translator. No cleanup: the remote
+        // objects stay and are rewritten.
+        if let Some(r) = restart {
+            r.cancel.cancel();
+            for t in r.tasks {
+                let _ = t.await;
+            }
+            tracing::info!(cluster = %cluster, namespace = local_ns, "address translation changed: restarting reflection");
+        }
         if stale {
             self.stop(cluster, local_ns).await;
         }
@@ -71,7 +85,7 @@ impl Reflections {
             remote,
             local_namespace: local_ns.to_owned(),
             remote_namespace: remote_ns.to_owned(),
-            translator: self.translation.translator(cluster).await,
+            translator,
         };
         let cancel = self.shutdown.child_token();
         let tasks = self

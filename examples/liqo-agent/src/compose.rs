@@ -170,6 +170,10 @@ impl liqo_vk::AddressTranslation for SharedTranslation {
     async fn translator(&self, provider: &ClusterId) -> liqo_core::AddressTranslator {
         self.0.translator(provider).await
     }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.0.changes()
+    }
 }
 
 type Tasks = JoinSet<(&'static str, Result<(), String>)>;

@@ -140,4 +140,8 @@ impl liqo_vk::AddressTranslation for LinkTranslation {
             .translator(provider)
             .unwrap_or_else(|| liqo_vk::identity_translator(provider))
     }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.0.changes())
+    }
 }

@@ -66,6 +66,25 @@ impl ProcessId {
     }
 }
 
+/// Whether `pid` is on its way out: killed or exiting (`PF_EXITING` in its flags, field 9 of
+/// `/proc/<pid>/stat`), or its main thread already a zombie. Such a process may still serve its
+/// socket for a moment while its environment is already unreadable, so it cannot be judged;
+/// it is waited for instead.
+pub fn is_exiting(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // fields[0] is field 3 (state); the flags are field 9.
+    let zombie = matches!(fields.first(), Some(&"Z" | &"X"));
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    zombie || flags & PF_EXITING != 0
+}
+
 /// How many threads `pid` has (0 when it is gone).
 fn threads(pid: i32) -> usize {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -202,6 +221,29 @@ pub fn marked_for(iface: &str) -> Vec<Server> {
         .collect()
 }
 
+/// Processes on their way out (see [`is_exiting`]) that still hold the TUN device `iface` open
+/// (their `/proc/<pid>/fdinfo` says `iff: <iface>`): a daemon killed with its starter keeps the
+/// device busy for a moment after its socket and environment are gone.
+pub fn exiting_tun_holders(iface: &str) -> Vec<i32> {
+    let want = format!("iff:\t{iface}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| is_exiting(*pid))
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .any(|fd| {
+                    std::fs::read_to_string(fd.path())
+                        .is_ok_and(|info| info.lines().any(|l| l == want))
+                })
+        })
+        .collect()
+}
+
 /// The network namespace of the calling thread, `net:[inode]`.
 pub fn thread_netns() -> std::io::Result<String> {
     std::fs::read_link("/proc/thread-self/ns/net").map(|l| l.to_string_lossy().into_owned())
@@ -226,6 +268,7 @@ mod tests {
     fn only_a_marked_daemon_of_a_gone_run_here_is_ours() {
         let me = ProcessId::current().unwrap();
         assert!(me.is_alive());
+        assert!(!is_exiting(me.pid));
         assert_eq!(ProcessId::parse(&me.mark()), Some(me));
         // A run that is gone: our pid with another start time.
         let gone = ProcessId {

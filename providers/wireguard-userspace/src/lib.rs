@@ -212,6 +212,19 @@ impl Userspace {
     async fn claim_socket(&self, iface: &str) -> Result<(), FabricError> {
         let path = socket_path(iface);
         if let Some(pid) = leftovers::serving_pid(&path).await {
+            // A daemon still exiting (its starter killed a moment ago, the kernel's SIGTERM on
+            // its way) accepts connections after its environment, which marks it as ours, is
+            // gone: wait for it to go, then the socket is stale.
+            if leftovers::is_exiting(pid) {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while ProcessId::of(pid).is_some() && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if ProcessId::of(pid).is_none() {
+                    debug!(interface = %iface, pid, "waited for an exiting daemon to go");
+                    return Box::pin(self.claim_socket(iface)).await;
+                }
+            }
             let server = Server::inspect(pid);
             let netns = leftovers::thread_netns().unwrap_or_default();
             let why = match server.judge(iface, &netns, self.me) {
@@ -519,7 +532,28 @@ impl WireGuardBackend for Userspace {
         self.claim_socket(iface).await?;
         let running = match &self.implementation {
             Implementation::WireGuardGo { binary } => {
-                let child = start_wireguard_go(binary, iface, self.ready_timeout, self.me).await?;
+                let child = match start_wireguard_go(binary, iface, self.ready_timeout, self.me)
+                    .await
+                {
+                    Ok(c) => c,
+                    // The device is still held by a daemon on its way out (killed with its
+                    // starter a moment ago): once it is gone, the device is free.
+                    Err(e) if e.to_string().contains("device or resource busy") => {
+                        let holders = leftovers::exiting_tun_holders(iface);
+                        if holders.is_empty() {
+                            return Err(e);
+                        }
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                        while holders.iter().any(|p| ProcessId::of(*p).is_some())
+                            && tokio::time::Instant::now() < deadline
+                        {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        debug!(interface = %iface, ?holders, "waited for exiting daemons to release the device");
+                        start_wireguard_go(binary, iface, self.ready_timeout, self.me).await?
+                    }
+                    Err(e) => return Err(e),
+                };
                 let (stop, stop_rx) = oneshot::channel();
                 let task = tokio::spawn(supervise(
                     child,
