@@ -38,6 +38,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod backoff;
 pub mod conditions;
 pub mod crds;
 mod discovery;
@@ -53,6 +54,7 @@ pub mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use backoff::{WATCH_BACKOFF_MAX, WATCH_BACKOFF_MIN, watch_backoff};
 pub use discovery::{
     Discovery, DiscoveryEvent, DiscoverySource, DiscoveryStream, PROTOCOL_VERSION,
     PeerAdvertisement,

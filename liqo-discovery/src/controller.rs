@@ -279,7 +279,8 @@ impl DiscoveryController {
             recorder,
             started: Instant::now(),
         });
-        let controller = Controller::new(api, watcher::Config::default().any_semantic());
+        let controller = Controller::new(api, watcher::Config::default().any_semantic())
+            .trigger_backoff(liqo_core::watch_backoff());
         let store = controller.store();
         let (trigger_tx, trigger_rx) = mpsc::channel(1024);
         let ingest = tokio::spawn(ingest(ctx.clone(), store, trigger_tx));

@@ -428,6 +428,7 @@ impl NetworkController {
         });
         let api: Api<ForeignCluster> = Api::all(self.client.clone());
         Controller::new(api, watcher::Config::default())
+            .trigger_backoff(liqo_core::watch_backoff())
             .reconcile_on(triggers)
             .graceful_shutdown_on(shutdown)
             .run(reconcile, error_policy, ctx.clone())
@@ -860,7 +861,7 @@ fn ensure_watch(ctx: &Arc<Ctx>, peer: &ClusterId, state: &mut PeerState) -> Resu
 async fn watch_view(ctx: Arc<Ctx>, peer: ClusterId, fc_name: String, ex: Exchange) {
     let cfg = watcher::Config::default().fields(&format!("metadata.name={}", ctx.me));
     let mut stream = watcher::watcher(ex.api.clone(), cfg)
-        .default_backoff()
+        .backoff(liqo_core::watch_backoff())
         .boxed();
     let mut seen = false;
     let mut applied: Option<Vec<CidrMapping>> = None;

@@ -253,7 +253,7 @@ impl ConsumerAgent {
                     labels::TYPE_VIRTUAL_NODE
                 )),
             )
-            .default_backoff(),
+            .backoff(liqo_core::watch_backoff()),
         )
         .applied_objects()
         .predicate_filter(predicates::labels, Default::default())
@@ -271,7 +271,7 @@ impl ConsumerAgent {
                 Api::<NamespaceOffloading>::all(self.local.clone()),
                 watcher::Config::default(),
             )
-            .default_backoff(),
+            .backoff(liqo_core::watch_backoff()),
         )
         .for_each(|_| futures::future::ready(()));
 

@@ -37,6 +37,7 @@ use crate::{
 
 pub(crate) fn controller(local: kube::Client) -> Controller<NamespaceOffloading> {
     Controller::new(Api::all(local), watcher::Config::default())
+        .trigger_backoff(liqo_core::watch_backoff())
 }
 
 pub(crate) async fn run(

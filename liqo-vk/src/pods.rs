@@ -666,7 +666,7 @@ impl ResourceReflector for PodReflector {
                 local_api,
                 watcher::Config::default().fields(&format!("spec.nodeName={node}")),
             )
-            .default_backoff()
+            .backoff(liqo_core::watch_backoff())
             .modify(strip),
             "local pods",
             &queue,
@@ -676,7 +676,7 @@ impl ResourceReflector for PodReflector {
         let shadow_events = queue::feed(
             shadow_w,
             watcher(shadow_api, watcher::Config::default().labels(&selector))
-                .default_backoff()
+                .backoff(liqo_core::watch_backoff())
                 .modify(strip),
             "ShadowPods",
             &queue,
@@ -686,7 +686,7 @@ impl ResourceReflector for PodReflector {
         let pod_events = queue::feed(
             rp_w,
             watcher(remote_pod_api, watcher::Config::default().labels(&selector))
-                .default_backoff()
+                .backoff(liqo_core::watch_backoff())
                 .modify(strip),
             "remote pods",
             &queue,

@@ -222,6 +222,7 @@ impl ProviderAgent {
             Api::<RemoteNamespace>::all(self.client.clone()),
             watcher::Config::default(),
         )
+        .trigger_backoff(liqo_core::watch_backoff())
         // A twin namespace deleted or changed behind our back is made again.
         .watches(
             Api::<Namespace>::all(self.client.clone()),

@@ -548,7 +548,7 @@ impl<R: Reflect> ResourceReflector for Reflector<R> {
 
         let source_events = queue::feed(
             source_writer,
-            watcher(source_api, self.inner.source_selector()).default_backoff(),
+            watcher(source_api, self.inner.source_selector()).backoff(liqo_core::watch_backoff()),
             &self.kind,
             &queue,
             |o: &R::Source| Some(o.name_any()),
@@ -563,7 +563,8 @@ impl<R: Reflect> ResourceReflector for Reflector<R> {
         );
         let target_events = queue::feed(
             target_writer,
-            watcher(target_api, watcher::Config::default().labels(&selector)).default_backoff(),
+            watcher(target_api, watcher::Config::default().labels(&selector))
+                .backoff(liqo_core::watch_backoff()),
             &self.kind,
             &queue,
             |o: &R::Target| o.annotations().get(names::REFLECTION_SOURCE).cloned(),

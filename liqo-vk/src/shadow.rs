@@ -219,7 +219,7 @@ pub(crate) async fn run(
             pod_api.clone(),
             watcher::Config::default().labels(&selector),
         )
-        .default_backoff()
+        .backoff(liqo_core::watch_backoff())
         .modify(|p: &mut Pod| p.managed_fields_mut().clear()),
     )
     .for_each(|_| futures::future::ready(()));
@@ -229,6 +229,7 @@ pub(crate) async fn run(
         recorder,
     });
     let controller = Controller::new(Api::<ShadowPod>::all(client), watcher::Config::default())
+        .trigger_backoff(liqo_core::watch_backoff())
         .owns(pod_api, watcher::Config::default().labels(&selector))
         .with_config(kube::runtime::Config::default().concurrency(concurrency))
         .graceful_shutdown_on(shutdown)

@@ -51,6 +51,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, trigger: mpsc::UnboundedReceiver<ObjectRe
     let api: Api<VirtualNode> = Api::all(ctx.local.clone());
     let cancel = ctx.shutdown.clone();
     Controller::new(api, watcher::Config::default())
+        .trigger_backoff(liqo_core::watch_backoff())
         .reconcile_on(trigger)
         .with_config(
             kube::runtime::Config::default().concurrency(ctx.config.controller_concurrency),
@@ -180,7 +181,7 @@ async fn ensure_session(
     let rn_api: Api<RemoteNamespace> = Api::namespaced(remote, &tenant);
     let watch = reflector::reflector(
         writer,
-        watcher(rn_api, watcher::Config::default()).default_backoff(),
+        watcher(rn_api, watcher::Config::default()).backoff(liqo_core::watch_backoff()),
     )
     .applied_objects()
     .for_each(move |r| {

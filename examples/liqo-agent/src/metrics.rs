@@ -181,8 +181,11 @@ impl Metrics {
                 + 'static,
         {
             let (store, writer) = reflector::store();
-            let stream = reflector::reflector(writer, watcher(api, config).default_backoff())
-                .for_each(|_| futures::future::ready(()));
+            let stream = reflector::reflector(
+                writer,
+                watcher(api, config).backoff(liqo_core::watch_backoff()),
+            )
+            .for_each(|_| futures::future::ready(()));
             tokio::spawn(async move {
                 tokio::select! {
                     () = cancel.cancelled() => {}

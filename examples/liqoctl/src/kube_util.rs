@@ -156,7 +156,7 @@ pub async fn watch_until_kind<K, T>(
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let stream = watcher::watch_object(api, name).default_backoff();
+    let stream = watcher::watch_object(api, name).backoff(liqo_core::watch_backoff());
     pin_mut!(stream);
     while let Some(item) = stream.next().await {
         match item {

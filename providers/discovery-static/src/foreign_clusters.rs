@@ -164,7 +164,7 @@ impl Discovery for ForeignClusterDiscovery {
     async fn watch(&self) -> Result<DiscoveryStream, DiscoveryError> {
         let config = watcher::Config::default().labels(&format!("!{}", labels::MANAGED_BY));
         let stream = watcher(self.api.clone(), config)
-            .default_backoff()
+            .backoff(liqo_core::watch_backoff())
             .scan(Tracker::default(), |tracker, event| {
                 let items: Items = match event {
                     Ok(e) => tracker.on(e),

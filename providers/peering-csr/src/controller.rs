@@ -157,6 +157,7 @@ impl PeeringController {
         });
         let stop = CancellationToken::new();
         let controller = Controller::new(api, wc)
+            .trigger_backoff(liqo_core::watch_backoff())
             .with_config(ControllerConfig::default().concurrency(self.concurrency))
             .graceful_shutdown_on(stop.clone().cancelled_owned())
             .run(reconcile, error_policy, ctx)

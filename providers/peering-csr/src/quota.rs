@@ -416,6 +416,7 @@ impl QuotaController {
             backoff: Backoff::default(),
         });
         Controller::new(offers, watcher::Config::default().labels(&selector))
+            .trigger_backoff(liqo_core::watch_backoff())
             .watches(
                 Api::<ResourceQuota>::all(self.client.clone()),
                 watcher::Config::default()

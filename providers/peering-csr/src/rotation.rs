@@ -88,6 +88,7 @@ impl RotationController {
             backoff: Backoff::default(),
         });
         Controller::new(secrets, watcher::Config::default().labels(&selector))
+            .trigger_backoff(liqo_core::watch_backoff())
             .with_config(ControllerConfig::default().concurrency(2))
             .graceful_shutdown_on(shutdown)
             .run(reconcile, error_policy, ctx)

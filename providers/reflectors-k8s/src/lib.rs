@@ -319,7 +319,7 @@ impl Reflect for ServiceAccountTokens {
                 pods,
                 watcher::Config::default().fields(&format!("spec.nodeName={node}")),
             )
-            .default_backoff()
+            .backoff(liqo_core::watch_backoff())
             .filter_map(move |ev| {
                 let key = match ev {
                     Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
