@@ -6,7 +6,13 @@
 //! 1. `kill -9` of the consumer's agent, restarted with the same command (as a kubelet would);
 //! 2. the same for the provider's agent;
 //! 3. `kill -9` of the consumer's wireguard-go (the agent's supervisor starts it again);
-//! 4. all three at once, then both agents restarted.
+//! 4. all three at once, then both agents restarted;
+//! 5. the provider's kube-apiserver stopped for 15 s, then started again;
+//! 6. the gateways cut off from each other for 60 s (WireGuard's UDP dropped in the consumer's
+//!    gateway namespace), then joined again.
+//!
+//! Faults 1-4 are injected `ROUNDS` times; 5 and 6, which last, once each at the end, and their
+//! recovery is timed from the moment they end.
 //!
 //! After each fault, recovery is: both agents ready, both ForeignClusters NetworkReady, the
 //! virtual node Ready, exactly the desired pods at home (Running, on the virtual node, none
@@ -38,6 +44,7 @@ use k8s_openapi::{
         },
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
+    jiff::Timestamp,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -56,7 +63,7 @@ use liqo_core::{
         foreign_cluster_condition,
     },
 };
-use liqo_lab::{Cluster, ClusterSpec, DataPlane, Lab, LabSpec, NETNS_LABEL, WorkerSpec};
+use liqo_lab::{Cluster, ClusterSpec, Component, DataPlane, Lab, LabSpec, NETNS_LABEL, WorkerSpec};
 use liqo_vk::{names, shadow::ShadowPod};
 use liqo_wireguard_userspace::{leftovers::marked_for, socket_path};
 use serde::de::DeserializeOwned;
@@ -75,7 +82,8 @@ const PROVIDER: &str = "ch-b";
 const POD_CIDR: &str = "10.244.0.0/16";
 const OFFLOADED_NS: &str = "ch-offload";
 const MANAGER: &str = "liqo-agent-chaos-test";
-const RUST_LOG: &str = "info,liqo_net=debug,liqo_wireguard_userspace=debug,kube_runtime=warn";
+const RUST_LOG: &str =
+    "info,liqo_vk=debug,liqo_net=debug,liqo_wireguard_userspace=debug,kube_runtime=warn";
 
 async fn lab() -> &'static Lab {
     liqo_lab::shared(|| {
@@ -114,7 +122,12 @@ impl Drop for Leftovers {
             }
             let _ = std::fs::remove_file(socket_path(iface));
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // LIQO_CHAOS_KEEP_LOGS=1 keeps the agents' logs for a look after the run.
+        if std::env::var_os("LIQO_CHAOS_KEEP_LOGS").is_some() {
+            eprintln!("chaos: agents' logs kept in {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -212,9 +225,13 @@ impl Supervised {
             .ok_or_else(|| format!("{}'s agent is not running", self.name).into())
     }
 
-    /// Every refusal by the API server in any of its runs' logs.
-    fn refusals(&self) -> Vec<String> {
-        self.logs.iter().flat_map(|l| common::refusals(l)).collect()
+    /// Every refusal by the API server in any of its runs' logs, but those `excused`.
+    fn refusals(&self, excused: &[Excused]) -> Vec<String> {
+        self.logs
+            .iter()
+            .flat_map(|l| common::refusals(l))
+            .filter(|line| !excused.iter().any(|e| e.covers(line)))
+            .collect()
     }
 }
 
@@ -523,6 +540,83 @@ enum Fault {
     ProviderAgent,
     ConsumerDaemon,
     All,
+    ProviderApiServer,
+    Partition,
+}
+
+/// A restarted API server refuses requests for a moment while its authorizer's caches fill
+/// (RBAC answers 403 to everyone): refusals logged from `from` until the recovery that follows
+/// (`until`, open while it runs) are not the agents' fault.
+struct Excused {
+    from: Timestamp,
+    until: Option<Timestamp>,
+}
+
+impl Excused {
+    fn covers(&self, line: &str) -> bool {
+        let Some(at) = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| {
+                v["timestamp"]
+                    .as_str()
+                    .and_then(|t| t.parse::<Timestamp>().ok())
+            })
+        else {
+            return false;
+        };
+        at >= self.from && self.until.is_none_or(|u| at <= u)
+    }
+}
+
+/// How long the provider's API server stays down.
+const APISERVER_DOWN: Duration = Duration::from_secs(15);
+/// How long the gateways cannot reach each other.
+const PARTITION: Duration = Duration::from_secs(60);
+
+/// WireGuard's UDP dropped both ways in a gateway's network namespace while it lives (removed on
+/// drop, pass or fail).
+struct Partition {
+    netns: PathBuf,
+}
+
+impl Partition {
+    const TABLE: &'static str = "liqo-chaos-partition";
+
+    fn start(netns: &Path) -> Result<Self, Error> {
+        let p = Self {
+            netns: netns.to_owned(),
+        };
+        let rules = format!(
+            "table inet {t} {{\n\
+               chain in {{ type filter hook input priority -10; udp dport 51820 drop; udp sport 51820 drop; }}\n\
+               chain out {{ type filter hook output priority -10; udp dport 51820 drop; udp sport 51820 drop; }}\n\
+             }}\n",
+            t = Self::TABLE
+        );
+        let mut child = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", p.netns.display()))
+            .args(["nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(
+            child.stdin.as_mut().ok_or("no stdin for nft")?,
+            rules.as_bytes(),
+        )?;
+        drop(child.stdin.take());
+        if !child.wait()?.success() {
+            return Err("nft refused the partition's rules".into());
+        }
+        Ok(p)
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.netns.display()))
+            .args(["nft", "delete", "table", "inet", Self::TABLE])
+            .status();
+    }
 }
 
 impl Fault {
@@ -532,6 +626,8 @@ impl Fault {
             Self::ProviderAgent => "kill -9 provider agent",
             Self::ConsumerDaemon => "kill -9 consumer wireguard-go",
             Self::All => "kill -9 all three",
+            Self::ProviderApiServer => "provider kube-apiserver down 15 s",
+            Self::Partition => "gateways partitioned 60 s",
         }
     }
 }
@@ -692,6 +788,11 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
         None,
     )?;
     let (consumer_iface, provider_iface) = (interface(CONSUMER), interface(PROVIDER));
+    let consumer_gw = dp
+        .gateway(CONSUMER)
+        .ok_or("the data plane has no gateway for the consumer")?
+        .netns_path
+        .clone();
     let probe = Probe {
         world: World::start(&a, &b, &twin, &node),
         node,
@@ -700,7 +801,8 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
     };
 
     let t0 = Instant::now();
-    let first = recovered(&probe, &consumer, &provider, desired as usize, t0).await?;
+    let mut excused: Vec<Excused> = vec![];
+    let first = recovered(&probe, &consumer, &provider, desired as usize, t0, &excused).await?;
     let mut pods = first.pods.clone();
     let set_up = started.elapsed();
     eprintln!(
@@ -712,13 +814,21 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
     );
 
     let mut results: Vec<(Fault, Duration)> = vec![];
-    for round in 1..=ROUNDS {
-        for fault in [
-            Fault::ConsumerAgent,
-            Fault::ProviderAgent,
-            Fault::ConsumerDaemon,
-            Fault::All,
-        ] {
+    let kills = [
+        Fault::ConsumerAgent,
+        Fault::ProviderAgent,
+        Fault::ConsumerDaemon,
+        Fault::All,
+    ];
+    let lasting = [
+        (ROUNDS + 1, Fault::ProviderApiServer),
+        (ROUNDS + 1, Fault::Partition),
+    ];
+    let schedule = (1..=ROUNDS)
+        .flat_map(|round| kills.map(|f| (round, f)))
+        .chain(lasting);
+    {
+        for (round, fault) in schedule {
             let before = desired;
             desired = if desired == 2 { 4 } else { 2 };
             let one = |iface: &str| {
@@ -727,7 +837,7 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
             let (old_consumer, old_provider) = (one(&consumer_iface)?, one(&provider_iface)?);
             // The fault lands while the Deployment scales.
             apply(&deployments, "web", &web_deployment(desired)).await?;
-            let since = Instant::now();
+            let mut since = Instant::now();
             match fault {
                 Fault::ConsumerAgent => {
                     consumer.crash().await?;
@@ -746,8 +856,53 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
                     consumer.start()?;
                     provider.start()?;
                 }
+                // Lasting faults: recovery counts from their end.
+                Fault::ProviderApiServer => {
+                    excused.push(Excused {
+                        from: Timestamp::now(),
+                        until: None,
+                    });
+                    cb.stop_component(Component::ApiServer).await?;
+                    tokio::time::sleep(APISERVER_DOWN).await;
+                    cb.start_component(Component::ApiServer).await?;
+                    since = Instant::now();
+                }
+                Fault::Partition => {
+                    let cut = Partition::start(&consumer_gw)?;
+                    let start = Instant::now();
+                    // The cut is real: HTTP through the tunnel stops.
+                    let metrics = [&consumer.agent()?.metrics, &provider.agent()?.metrics];
+                    let mut effective = false;
+                    while start.elapsed() < PARTITION / 2 {
+                        if let Err(why) = check(&probe, desired as usize, metrics).await
+                            && why.starts_with("GET ")
+                        {
+                            effective = true;
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    assert!(
+                        effective,
+                        "the partition did not stop traffic through the tunnel"
+                    );
+                    tokio::time::sleep(PARTITION.saturating_sub(start.elapsed())).await;
+                    drop(cut);
+                    since = Instant::now();
+                }
             }
-            let r = recovered(&probe, &consumer, &provider, desired as usize, since).await?;
+            let r = recovered(
+                &probe,
+                &consumer,
+                &provider,
+                desired as usize,
+                since,
+                &excused,
+            )
+            .await?;
+            if let Some(open) = excused.last_mut().filter(|e| e.until.is_none()) {
+                open.until = Some(Timestamp::now());
+            }
             let (took, now) = (r.took, r.pods.clone());
             // A killed agent's daemon (stopped by the kernel) and a killed daemon are replaced;
             // the other gateway's daemon is left alone.
@@ -755,6 +910,7 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
                 Fault::ConsumerAgent | Fault::ConsumerDaemon => (true, false),
                 Fault::ProviderAgent => (false, true),
                 Fault::All => (true, true),
+                Fault::ProviderApiServer | Fault::Partition => (false, false),
             };
             for (iface, old, hit) in [
                 (&consumer_iface, old_consumer, consumer_hit),
@@ -802,9 +958,9 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
         assert_eq!(agent.terminate().await?, 0, "{}'s agent exit code", s.name);
     }
     let refused: Vec<String> = consumer
-        .refusals()
+        .refusals(&excused)
         .into_iter()
-        .chain(provider.refusals())
+        .chain(provider.refusals(&excused))
         .collect();
     assert!(refused.is_empty(), "refusals:\n{}", refused.join("\n"));
     for iface in [&consumer_iface, &provider_iface] {
@@ -821,6 +977,8 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
         Fault::ProviderAgent,
         Fault::ConsumerDaemon,
         Fault::All,
+        Fault::ProviderApiServer,
+        Fault::Partition,
     ]
     .iter()
     .map(|k| {
@@ -878,14 +1036,15 @@ async fn recovered(
     provider: &Supervised,
     desired: usize,
     since: Instant,
+    excused: &[Excused],
 ) -> Result<Recovery, Error> {
     let deadline = since + RECOVERY;
     let mut waited: Vec<(Duration, String)> = vec![];
     loop {
         let refused: Vec<String> = consumer
-            .refusals()
+            .refusals(excused)
             .into_iter()
-            .chain(provider.refusals())
+            .chain(provider.refusals(excused))
             .collect();
         if !refused.is_empty() {
             return Err(format!(
