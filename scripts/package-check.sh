@@ -28,6 +28,14 @@ if ((${#bad[@]})); then
   exit 1
 fi
 
+# Cargo unpacks the local registry's packages once per registry path under its home and never
+# again: a second check from the same checkout path would build the crates of the first (seen:
+# a function added since was "not found"). Remove those copies of our crates first.
+cargo_home=${CARGO_HOME:-$HOME/.cargo}
+for stale in "$cargo_home"/registry/src/-*/liqo-*; do
+  [ -e "$stale" ] && rm -rf "$stale"
+done
+
 # The packaged crates are built outside this workspace, so its profile would not apply: give it
 # again, so that they reuse the dependencies the workspace built and keep debug info small.
 start=$SECONDS
