@@ -25,7 +25,10 @@
 
 mod common;
 
-use common::{Agent, Error, failure, free_port, http_get};
+use common::{
+    Agent, Error, failure, free_port, http_get,
+    workload::{apply, client_pod, field, web_deployment},
+};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -38,17 +41,14 @@ use std::{
 use futures::{StreamExt, pin_mut};
 use k8s_openapi::{
     api::{
-        apps::v1::{Deployment, DeploymentSpec},
-        core::v1::{
-            Container, ContainerPort, Event, Namespace, Node, Pod, PodSpec, PodTemplateSpec,
-        },
+        apps::v1::Deployment,
+        core::v1::{Event, Namespace, Node, Pod},
     },
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
     jiff::Timestamp,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{ObjectMeta, Patch, PatchParams},
+    api::ObjectMeta,
     runtime::{
         WatchStreamExt,
         reflector::{self, Store},
@@ -63,7 +63,7 @@ use liqo_core::{
         foreign_cluster_condition,
     },
 };
-use liqo_lab::{Cluster, ClusterSpec, Component, DataPlane, Lab, LabSpec, NETNS_LABEL, WorkerSpec};
+use liqo_lab::{Cluster, ClusterSpec, Component, DataPlane, Lab, LabSpec, WorkerSpec};
 use liqo_vk::{names, shadow::ShadowPod};
 use liqo_wireguard_userspace::{leftovers::marked_for, socket_path};
 use serde::de::DeserializeOwned;
@@ -81,7 +81,6 @@ const CONSUMER: &str = "ch-a";
 const PROVIDER: &str = "ch-b";
 const POD_CIDR: &str = "10.244.0.0/16";
 const OFFLOADED_NS: &str = "ch-offload";
-const MANAGER: &str = "liqo-agent-chaos-test";
 const RUST_LOG: &str =
     "info,liqo_vk=debug,liqo_net=debug,liqo_wireguard_userspace=debug,kube_runtime=warn";
 
@@ -286,92 +285,6 @@ fn running_ip(p: &Pod) -> Option<Ipv4Addr> {
         return None;
     }
     s.pod_ip.as_deref()?.parse().ok()
-}
-
-/// `key=value` from the data plane's one-line answer.
-fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
-    body.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn web_deployment(replicas: i32) -> Deployment {
-    let labels = BTreeMap::from([
-        ("app".to_owned(), "web".to_owned()),
-        (NETNS_LABEL.to_owned(), "true".to_owned()),
-    ]);
-    Deployment {
-        metadata: ObjectMeta {
-            name: Some("web".into()),
-            namespace: Some(OFFLOADED_NS.into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(DeploymentSpec {
-            replicas: Some(replicas),
-            selector: LabelSelector {
-                match_labels: Some(BTreeMap::from([("app".to_owned(), "web".to_owned())])),
-                ..LabelSelector::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![Container {
-                        name: "web".into(),
-                        image: Some("ghcr.io/liqo-rs/hello:test".into()),
-                        ports: Some(vec![ContainerPort {
-                            container_port: 8080,
-                            ..ContainerPort::default()
-                        }]),
-                        ..Container::default()
-                    }],
-                    termination_grace_period_seconds: Some(1),
-                    ..PodSpec::default()
-                }),
-            },
-            ..DeploymentSpec::default()
-        }),
-        ..Deployment::default()
-    }
-}
-
-fn client_pod() -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some("client".into()),
-            namespace: Some("default".into()),
-            labels: Some(BTreeMap::from([(
-                NETNS_LABEL.to_owned(),
-                "true".to_owned(),
-            )])),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "client".into(),
-                image: Some("ghcr.io/liqo-rs/client:test".into()),
-                ..Container::default()
-            }],
-            termination_grace_period_seconds: Some(1),
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
-    }
-}
-
-/// Server-side apply of `obj` through `api`.
-async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<K, Error>
-where
-    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    Ok(api
-        .patch(
-            name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(obj),
-        )
-        .await?)
 }
 
 /// Watch-backed caches of everything recovery is judged on; `changed` fires on every event.
@@ -758,7 +671,7 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
     }
     let deployments = Api::<Deployment>::namespaced(a.clone(), OFFLOADED_NS);
     let mut desired = 2;
-    apply(&deployments, "web", &web_deployment(desired)).await?;
+    apply(&deployments, "web", &web_deployment(OFFLOADED_NS, desired)).await?;
     apply(
         &Api::<Pod>::namespaced(a.clone(), "default"),
         "client",
@@ -836,7 +749,7 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
             };
             let (old_consumer, old_provider) = (one(&consumer_iface)?, one(&provider_iface)?);
             // The fault lands while the Deployment scales.
-            apply(&deployments, "web", &web_deployment(desired)).await?;
+            apply(&deployments, "web", &web_deployment(OFFLOADED_NS, desired)).await?;
             let mut since = Instant::now();
             match fault {
                 Fault::ConsumerAgent => {

@@ -12,26 +12,25 @@
 
 mod common;
 
-use common::{Agent, Error, failure, free_port, http_get, until};
+use common::{
+    Agent, Error, failure, free_port, http_get, until,
+    workload::{apply, client_pod, field, web_deployment},
+};
 
 use std::{
-    collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use futures::{StreamExt, pin_mut};
-use k8s_openapi::{
-    api::{
-        apps::v1::{Deployment, DeploymentSpec},
-        core::v1::{Container, ContainerPort, Namespace, Node, Pod, PodSpec, PodTemplateSpec},
-    },
-    apimachinery::pkg::apis::meta::v1::LabelSelector,
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Namespace, Node, Pod},
 };
 use kube::{
     Api, Client, Resource,
-    api::{ObjectMeta, Patch, PatchParams},
+    api::ObjectMeta,
     runtime::{WatchStreamExt, watcher},
 };
 use liqo_core::{
@@ -41,7 +40,7 @@ use liqo_core::{
         NamespaceOffloadingSpec, PeeringRole, PodOffloadingStrategy, foreign_cluster_condition,
     },
 };
-use liqo_lab::{Cluster, ClusterSpec, DataPlane, IpNet, Lab, LabSpec, NETNS_LABEL, WorkerSpec};
+use liqo_lab::{Cluster, ClusterSpec, DataPlane, IpNet, Lab, LabSpec, WorkerSpec};
 use serde::de::DeserializeOwned;
 
 type TestResult = Result<(), Error>;
@@ -52,7 +51,6 @@ const CONSUMER: &str = "dp-a";
 const PROVIDER: &str = "dp-b";
 const POD_CIDR: &str = "10.244.0.0/16";
 const OFFLOADED_NS: &str = "dp-offload";
-const MANAGER: &str = "liqo-agent-dataplane-test";
 
 async fn lab() -> &'static Lab {
     liqo_lab::shared(|| {
@@ -219,92 +217,6 @@ fn running_ip(p: &Pod) -> Option<Ipv4Addr> {
     s.pod_ip.as_deref()?.parse().ok()
 }
 
-/// `key=value` from the data plane's one-line answer.
-fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
-    body.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-}
-
-fn web_deployment() -> Deployment {
-    let labels = BTreeMap::from([
-        ("app".to_owned(), "web".to_owned()),
-        (NETNS_LABEL.to_owned(), "true".to_owned()),
-    ]);
-    Deployment {
-        metadata: ObjectMeta {
-            name: Some("web".into()),
-            namespace: Some(OFFLOADED_NS.into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(DeploymentSpec {
-            replicas: Some(1),
-            selector: LabelSelector {
-                match_labels: Some(BTreeMap::from([("app".to_owned(), "web".to_owned())])),
-                ..LabelSelector::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(PodSpec {
-                    containers: vec![Container {
-                        name: "web".into(),
-                        image: Some("ghcr.io/liqo-rs/hello:test".into()),
-                        ports: Some(vec![ContainerPort {
-                            container_port: 8080,
-                            ..ContainerPort::default()
-                        }]),
-                        ..Container::default()
-                    }],
-                    termination_grace_period_seconds: Some(1),
-                    ..PodSpec::default()
-                }),
-            },
-            ..DeploymentSpec::default()
-        }),
-        ..Deployment::default()
-    }
-}
-
-fn client_pod() -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some("client".into()),
-            namespace: Some("default".into()),
-            labels: Some(BTreeMap::from([(
-                NETNS_LABEL.to_owned(),
-                "true".to_owned(),
-            )])),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            containers: vec![Container {
-                name: "client".into(),
-                image: Some("ghcr.io/liqo-rs/client:test".into()),
-                ..Container::default()
-            }],
-            termination_grace_period_seconds: Some(1),
-            ..PodSpec::default()
-        }),
-        ..Pod::default()
-    }
-}
-
-/// Server-side apply of `obj` through `api`.
-async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<K, Error>
-where
-    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    Ok(api
-        .patch(
-            name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(obj),
-        )
-        .await?)
-}
-
 #[tokio::test]
 async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> TestResult {
     let started = Instant::now();
@@ -457,7 +369,7 @@ async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> TestRe
     apply(
         &Api::<Deployment>::namespaced(a.clone(), OFFLOADED_NS),
         "web",
-        &web_deployment(),
+        &web_deployment(OFFLOADED_NS, 1),
     )
     .await?;
     apply(
