@@ -9,9 +9,11 @@
 //! 4. all three at once, then both agents restarted;
 //! 5. the provider's kube-apiserver stopped for 15 s, then started again;
 //! 6. the gateways cut off from each other for 60 s (WireGuard's UDP dropped in the consumer's
-//!    gateway namespace), then joined again.
+//!    gateway namespace), then joined again;
+//! 7. the consumer cut off from the provider's API server for 60 s: the credentials the provider
+//!    issues name a relay of the test's, which then holds back every byte (a black hole).
 //!
-//! Faults 1-4 are injected `ROUNDS` times; 5 and 6, which last, once each at the end, and their
+//! Faults 1-4 are injected `ROUNDS` times; 5 to 7, which last, once each at the end, and their
 //! recovery is timed from the moment they end.
 //!
 //! After each fault, recovery is: both agents ready, both ForeignClusters NetworkReady, the
@@ -32,7 +34,7 @@ use common::{
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
@@ -147,6 +149,7 @@ impl Supervised {
         cluster: &Cluster,
         kubeconfig: &Path,
         dp: &DataPlane,
+        api_server: Option<SocketAddr>,
     ) -> Result<Self, Error> {
         let name = if cluster.name() == CONSUMER {
             CONSUMER
@@ -169,6 +172,7 @@ impl Supervised {
                  peering:\n  listen: 127.0.0.1:{peering_port}\n  \
                  endpoint: https://127.0.0.1:{peering_port}\n  policy: AcceptAll\n  \
                  credentialLifetimeSeconds: 600\n  offer: {{cpu: '4', memory: 8Gi, pods: 20}}\n\
+                 {api_server}\
                  network:\n  enabled: true\n  backend: userspace\n  \
                  implementation: wireguard-go\n  interface: {iface}\n  listenPort: 51820\n  \
                  endpoint: {wan}:51820\n  netns: {netns}\n\
@@ -181,6 +185,10 @@ impl Supervised {
                 iface = interface(name),
                 wan = gw.wan_address,
                 netns = gw.netns_path.display(),
+                // Where consumers reach this API server (the credentials it issues name it).
+                api_server = api_server
+                    .map(|a| format!("  apiServer: https://{a}\n"))
+                    .unwrap_or_default(),
             ),
         )?;
         let mut s = Self {
@@ -455,6 +463,7 @@ enum Fault {
     All,
     ProviderApiServer,
     Partition,
+    ApiPartition,
 }
 
 /// A restarted API server refuses requests for a moment while its authorizer's caches fill
@@ -485,6 +494,69 @@ impl Excused {
 const APISERVER_DOWN: Duration = Duration::from_secs(15);
 /// How long the gateways cannot reach each other.
 const PARTITION: Duration = Duration::from_secs(60);
+
+/// A TCP relay to an API server that can fall silent: while silenced it holds back every byte
+/// both ways and accepts new connections it never answers, as a network that drops packets
+/// would (a black hole, not a refused connection).
+struct BlackHole {
+    addr: SocketAddr,
+    silent: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHole {
+    async fn start(target: SocketAddr) -> Result<Self, Error> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (silent, rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let rx = rx.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    tokio::join!(relay(ri, wo, rx.clone()), relay(ro, wi, rx));
+                });
+            }
+        });
+        Ok(Self { addr, silent, task })
+    }
+
+    fn silence(&self, on: bool) {
+        self.silent.send_replace(on);
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut silent: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if silent.wait_for(|s| !*s).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
 
 /// WireGuard's UDP dropped both ways in a gateway's network namespace while it lives (removed on
 /// drop, pass or fail).
@@ -541,6 +613,7 @@ impl Fault {
             Self::All => "kill -9 all three",
             Self::ProviderApiServer => "provider kube-apiserver down 15 s",
             Self::Partition => "gateways partitioned 60 s",
+            Self::ApiPartition => "consumer cut off from the provider's API server 60 s",
         }
     }
 }
@@ -594,8 +667,10 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
         common::install_deploy(ca).await?,
         common::install_deploy(cb).await?,
     );
-    let mut consumer = Supervised::new(&leftovers.dir, ca, &sa_a, &dp)?;
-    let mut provider = Supervised::new(&leftovers.dir, cb, &sa_b, &dp)?;
+    // The consumer reaches the provider's API server through a relay the test can silence.
+    let relay = BlackHole::start(SocketAddr::from(([127, 0, 0, 1], cb.api_port()))).await?;
+    let mut consumer = Supervised::new(&leftovers.dir, ca, &sa_a, &dp, None)?;
+    let mut provider = Supervised::new(&leftovers.dir, cb, &sa_b, &dp, Some(relay.addr))?;
 
     // The peering and the offloaded Deployment, as in dataplane.rs.
     let info = {
@@ -736,6 +811,7 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
     let lasting = [
         (ROUNDS + 1, Fault::ProviderApiServer),
         (ROUNDS + 1, Fault::Partition),
+        (ROUNDS + 1, Fault::ApiPartition),
     ];
     let schedule = (1..=ROUNDS)
         .flat_map(|round| kills.map(|f| (round, f)))
@@ -778,6 +854,32 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
                     cb.stop_component(Component::ApiServer).await?;
                     tokio::time::sleep(APISERVER_DOWN).await;
                     cb.start_component(Component::ApiServer).await?;
+                    since = Instant::now();
+                }
+                Fault::ApiPartition => {
+                    relay.silence(true);
+                    let start = Instant::now();
+                    // The cut is real: the consumer's probe of the provider fails and its
+                    // virtual node stops being Ready.
+                    let nodes: Api<Node> = Api::all(a.clone());
+                    let mut effective = false;
+                    while start.elapsed() < PARTITION / 2 {
+                        if nodes
+                            .get_opt(&probe.node)
+                            .await?
+                            .is_some_and(|n| !node_ready(&n))
+                        {
+                            effective = true;
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    assert!(
+                        effective,
+                        "the consumer still reached the provider's API server"
+                    );
+                    tokio::time::sleep(PARTITION.saturating_sub(start.elapsed())).await;
+                    relay.silence(false);
                     since = Instant::now();
                 }
                 Fault::Partition => {
@@ -823,7 +925,7 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
                 Fault::ConsumerAgent | Fault::ConsumerDaemon => (true, false),
                 Fault::ProviderAgent => (false, true),
                 Fault::All => (true, true),
-                Fault::ProviderApiServer | Fault::Partition => (false, false),
+                Fault::ProviderApiServer | Fault::Partition | Fault::ApiPartition => (false, false),
             };
             for (iface, old, hit) in [
                 (&consumer_iface, old_consumer, consumer_hit),
@@ -892,6 +994,7 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
         Fault::All,
         Fault::ProviderApiServer,
         Fault::Partition,
+        Fault::ApiPartition,
     ]
     .iter()
     .map(|k| {
