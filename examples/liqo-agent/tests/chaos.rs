@@ -29,7 +29,10 @@ mod common;
 
 use common::{
     Agent, Error, failure, free_port, http_get,
-    workload::{apply, client_pod, field, web_deployment},
+    workload::{
+        apply, client_pod, field, named, network_ready, node_ready, running_ip, watch_for,
+        web_deployment,
+    },
 };
 
 use std::{
@@ -40,7 +43,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, pin_mut};
+use futures::StreamExt;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
@@ -240,59 +243,6 @@ impl Supervised {
             .filter(|line| !excused.iter().any(|e| e.covers(line)))
             .collect()
     }
-}
-
-/// Watches `api` (filtered by `config`) until `f` accepts an object.
-async fn watch_for<K, T>(
-    what: &str,
-    agents: &[&Agent],
-    api: Api<K>,
-    config: watcher::Config,
-    mut f: impl FnMut(&K) -> Option<T>,
-) -> Result<T, Error>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let found = tokio::time::timeout(WAIT, async {
-        let stream = watcher(api, config).default_backoff().applied_objects();
-        pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            if let Some(v) = item.ok().as_ref().and_then(&mut f) {
-                return Some(v);
-            }
-        }
-        None
-    })
-    .await;
-    match found {
-        Ok(Some(v)) => Ok(v),
-        _ => Err(failure(what, agents, format!("not within {WAIT:?}"))),
-    }
-}
-
-fn named(name: &str) -> watcher::Config {
-    watcher::Config::default().fields(&format!("metadata.name={name}"))
-}
-
-fn node_ready(n: &Node) -> bool {
-    n.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn network_ready(fc: &ForeignCluster) -> bool {
-    fc.status.as_ref().is_some_and(|s| {
-        liqo_core::conditions::is_true(&s.conditions, foreign_cluster_condition::NETWORK_READY)
-    })
-}
-
-fn running_ip(p: &Pod) -> Option<Ipv4Addr> {
-    let s = p.status.as_ref()?;
-    if s.phase.as_deref() != Some("Running") || p.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
-    s.pod_ip.as_deref()?.parse().ok()
 }
 
 /// Watch-backed caches of everything recovery is judged on; `changed` fires on every event.

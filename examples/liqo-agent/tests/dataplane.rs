@@ -14,34 +14,30 @@ mod common;
 
 use common::{
     Agent, Error, failure, free_port, http_get, until,
-    workload::{apply, client_pod, field, web_deployment},
+    workload::{
+        apply, client_pod, field, named, network_ready, node_ready, running_ip, watch_for,
+        web_deployment,
+    },
 };
 
 use std::{
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt, pin_mut};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Namespace, Node, Pod},
 };
-use kube::{
-    Api, Client, Resource,
-    api::ObjectMeta,
-    runtime::{WatchStreamExt, watcher},
-};
+use kube::{Api, Client, api::ObjectMeta, runtime::watcher};
 use liqo_core::{
     ClusterId, DiscoverySource,
     crds::{
         DiscoverySpec, ForeignCluster, ForeignClusterSpec, NamespaceOffloading,
-        NamespaceOffloadingSpec, PeeringRole, PodOffloadingStrategy, foreign_cluster_condition,
+        NamespaceOffloadingSpec, PeeringRole, PodOffloadingStrategy,
     },
 };
 use liqo_lab::{Cluster, ClusterSpec, DataPlane, IpNet, Lab, LabSpec, WorkerSpec};
-use serde::de::DeserializeOwned;
 
 type TestResult = Result<(), Error>;
 
@@ -162,59 +158,6 @@ fn start_agent(
         dir.join(format!("{name}.log")),
         "info,liqo_net=debug,liqo_wireguard_userspace=debug,kube_runtime=warn",
     )
-}
-
-/// Watches `api` (filtered by `config`) until `f` accepts an object.
-async fn watch_for<K, T>(
-    what: &str,
-    agents: &[&Agent],
-    api: Api<K>,
-    config: watcher::Config,
-    mut f: impl FnMut(&K) -> Option<T>,
-) -> Result<T, Error>
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let found = tokio::time::timeout(WAIT, async {
-        let stream = watcher(api, config).default_backoff().applied_objects();
-        pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            if let Some(v) = item.ok().as_ref().and_then(&mut f) {
-                return Some(v);
-            }
-        }
-        None
-    })
-    .await;
-    match found {
-        Ok(Some(v)) => Ok(v),
-        _ => Err(failure(what, agents, format!("not within {WAIT:?}"))),
-    }
-}
-
-fn named(name: &str) -> watcher::Config {
-    watcher::Config::default().fields(&format!("metadata.name={name}"))
-}
-
-fn node_ready(n: &Node) -> bool {
-    n.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn network_ready(fc: &ForeignCluster) -> bool {
-    fc.status.as_ref().is_some_and(|s| {
-        liqo_core::conditions::is_true(&s.conditions, foreign_cluster_condition::NETWORK_READY)
-    })
-}
-
-fn running_ip(p: &Pod) -> Option<Ipv4Addr> {
-    let s = p.status.as_ref()?;
-    if s.phase.as_deref() != Some("Running") || p.metadata.deletion_timestamp.is_some() {
-        return None;
-    }
-    s.pod_ip.as_deref()?.parse().ok()
 }
 
 #[tokio::test]

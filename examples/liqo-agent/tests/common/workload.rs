@@ -4,21 +4,26 @@
 
 use std::collections::BTreeMap;
 
+use std::net::Ipv4Addr;
+
+use futures::{StreamExt, pin_mut};
 use k8s_openapi::{
     api::{
         apps::v1::{Deployment, DeploymentSpec},
-        core::v1::{Container, ContainerPort, Pod, PodSpec, PodTemplateSpec},
+        core::v1::{Container, ContainerPort, Node, Pod, PodSpec, PodTemplateSpec},
     },
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
 use kube::{
     Api, Resource,
     api::{Patch, PatchParams},
+    runtime::{WatchStreamExt, watcher},
 };
+use liqo_core::crds::{ForeignCluster, foreign_cluster_condition};
 use liqo_lab::NETNS_LABEL;
 use serde::de::DeserializeOwned;
 
-use super::{Error, FIELD_MANAGER};
+use super::{Agent, Error, FIELD_MANAGER, WAIT, failure};
 
 /// `key=value` from the data plane's one-line answer.
 pub fn field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
@@ -106,4 +111,57 @@ where
             &Patch::Apply(obj),
         )
         .await?)
+}
+
+/// Watches `api` (filtered by `config`) until `f` accepts an object.
+pub async fn watch_for<K, T>(
+    what: &str,
+    agents: &[&Agent],
+    api: Api<K>,
+    config: watcher::Config,
+    mut f: impl FnMut(&K) -> Option<T>,
+) -> Result<T, Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let found = tokio::time::timeout(WAIT, async {
+        let stream = watcher(api, config).default_backoff().applied_objects();
+        pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            if let Some(v) = item.ok().as_ref().and_then(&mut f) {
+                return Some(v);
+            }
+        }
+        None
+    })
+    .await;
+    match found {
+        Ok(Some(v)) => Ok(v),
+        _ => Err(failure(what, agents, format!("not within {WAIT:?}"))),
+    }
+}
+
+pub fn named(name: &str) -> watcher::Config {
+    watcher::Config::default().fields(&format!("metadata.name={name}"))
+}
+
+pub fn node_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+pub fn network_ready(fc: &ForeignCluster) -> bool {
+    fc.status.as_ref().is_some_and(|s| {
+        liqo_core::conditions::is_true(&s.conditions, foreign_cluster_condition::NETWORK_READY)
+    })
+}
+
+pub fn running_ip(p: &Pod) -> Option<Ipv4Addr> {
+    let s = p.status.as_ref()?;
+    if s.phase.as_deref() != Some("Running") || p.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    s.pod_ip.as_deref()?.parse().ok()
 }
