@@ -30,8 +30,8 @@ mod common;
 use common::{
     Agent, Error, failure, free_port, http_get,
     workload::{
-        apply, client_pod, field, named, network_ready, node_ready, running_ip, watch_for,
-        web_deployment,
+        apply, client_pod, field, named, network_ready, node_ready, provider_intent, running_ip,
+        watch_for, web_deployment,
     },
 };
 
@@ -61,11 +61,10 @@ use kube::{
     },
 };
 use liqo_core::{
-    ClusterId, DiscoverySource,
+    ClusterId,
     crds::{
-        DiscoverySpec, ForeignCluster, ForeignClusterSpec, NamespaceMappingStrategy,
-        NamespaceOffloading, NamespaceOffloadingSpec, PeeringRole, PodOffloadingStrategy,
-        foreign_cluster_condition,
+        ForeignCluster, NamespaceMappingStrategy, NamespaceOffloading, NamespaceOffloadingSpec,
+        PodOffloadingStrategy, foreign_cluster_condition,
     },
 };
 use liqo_lab::{Cluster, ClusterSpec, Component, DataPlane, Lab, LabSpec, WorkerSpec};
@@ -631,24 +630,7 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
         .await?
     };
     let prov_id: ClusterId = PROVIDER.parse()?;
-    let fc = ForeignCluster::new(
-        PROVIDER,
-        ForeignClusterSpec {
-            cluster_id: prov_id.clone(),
-            cluster_name: info.cluster_name.clone(),
-            peering_endpoint: Some(
-                info.peering_endpoint
-                    .clone()
-                    .ok_or("the provider publishes no peering endpoint")?,
-            ),
-            public_key_fingerprint: Some(info.fingerprint),
-            discovery: DiscoverySpec {
-                source: DiscoverySource::Manual,
-                auto_peer: false,
-            },
-            role: PeeringRole::Provider,
-        },
-    );
+    let fc = provider_intent(&prov_id, info)?;
     apply(&Api::<ForeignCluster>::all(a.clone()), PROVIDER, &fc).await?;
     apply(
         &Api::<Namespace>::all(a.clone()),

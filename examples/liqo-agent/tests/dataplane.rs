@@ -15,8 +15,8 @@ mod common;
 use common::{
     Agent, Error, failure, free_port, http_get, until,
     workload::{
-        apply, client_pod, field, named, network_ready, node_ready, running_ip, watch_for,
-        web_deployment,
+        apply, client_pod, field, named, network_ready, node_ready, provider_intent, running_ip,
+        watch_for, web_deployment,
     },
 };
 
@@ -31,11 +31,8 @@ use k8s_openapi::api::{
 };
 use kube::{Api, Client, api::ObjectMeta, runtime::watcher};
 use liqo_core::{
-    ClusterId, DiscoverySource,
-    crds::{
-        DiscoverySpec, ForeignCluster, ForeignClusterSpec, NamespaceOffloading,
-        NamespaceOffloadingSpec, PeeringRole, PodOffloadingStrategy,
-    },
+    ClusterId,
+    crds::{ForeignCluster, NamespaceOffloading, NamespaceOffloadingSpec, PodOffloadingStrategy},
 };
 use liqo_lab::{Cluster, ClusterSpec, DataPlane, IpNet, Lab, LabSpec, WorkerSpec};
 
@@ -219,24 +216,7 @@ async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> TestRe
     .await?;
     assert_eq!(info.cluster_id.as_str(), PROVIDER);
     let prov_id: ClusterId = PROVIDER.parse()?;
-    let fc = ForeignCluster::new(
-        PROVIDER,
-        ForeignClusterSpec {
-            cluster_id: prov_id.clone(),
-            cluster_name: info.cluster_name.clone(),
-            peering_endpoint: Some(
-                info.peering_endpoint
-                    .clone()
-                    .ok_or("the provider publishes no peering endpoint")?,
-            ),
-            public_key_fingerprint: Some(info.fingerprint),
-            discovery: DiscoverySpec {
-                source: DiscoverySource::Manual,
-                auto_peer: false,
-            },
-            role: PeeringRole::Provider,
-        },
-    );
+    let fc = provider_intent(&prov_id, info)?;
     apply(&Api::<ForeignCluster>::all(a.clone()), PROVIDER, &fc).await?;
 
     // The tunnel comes up on both sides, and the virtual node on the consumer.

@@ -19,7 +19,12 @@ use kube::{
     api::{Patch, PatchParams},
     runtime::{WatchStreamExt, watcher},
 };
-use liqo_core::crds::{ForeignCluster, foreign_cluster_condition};
+use liqo_core::{
+    ClusterId, ClusterInfo, DiscoverySource,
+    crds::{
+        DiscoverySpec, ForeignCluster, ForeignClusterSpec, PeeringRole, foreign_cluster_condition,
+    },
+};
 use liqo_lab::NETNS_LABEL;
 use serde::de::DeserializeOwned;
 
@@ -164,4 +169,27 @@ pub fn running_ip(p: &Pod) -> Option<Ipv4Addr> {
         return None;
     }
     s.pod_ip.as_deref()?.parse().ok()
+}
+
+/// The consumer's intent to peer with the provider that published `info`: its
+/// `ForeignCluster`, role `Provider`, endpoint and key fingerprint pinned.
+pub fn provider_intent(id: &ClusterId, info: ClusterInfo) -> Result<ForeignCluster, Error> {
+    Ok(ForeignCluster::new(
+        id.as_str(),
+        ForeignClusterSpec {
+            cluster_id: id.clone(),
+            cluster_name: info.cluster_name.clone(),
+            peering_endpoint: Some(
+                info.peering_endpoint
+                    .clone()
+                    .ok_or("the provider publishes no peering endpoint")?,
+            ),
+            public_key_fingerprint: Some(info.fingerprint),
+            discovery: DiscoverySpec {
+                source: DiscoverySource::Manual,
+                auto_peer: false,
+            },
+            role: PeeringRole::Provider,
+        },
+    ))
 }
