@@ -60,7 +60,7 @@ pub use discovery::{
     PeerAdvertisement,
 };
 pub use error::{BoxError, DiscoveryError, FabricError, ParseError, PeeringError, ReflectionError};
-pub use fabric::{LinkState, LinkStatus, NetworkFabric, PeerLink};
+pub use fabric::{LinkState, LinkStatus, NetworkFabric, PeerLink, TunnelInfo};
 pub use identity::{ClusterId, ClusterIdentity, KeyFingerprint, PublicKey};
 pub use info::ClusterInfo;
 pub use network::{AddressTranslator, Cidr, CidrMapping, NetworkParameters, WireGuardKey};
