@@ -46,7 +46,7 @@ pub use discovery::{
     PeerAdvertisement,
 };
 pub use error::{BoxError, DiscoveryError, FabricError, ParseError, PeeringError, ReflectionError};
-pub use fabric::{LinkState, LinkStatus, NetworkFabric, PeerLink};
+pub use fabric::{LinkState, LinkStatus, NetworkFabric, PeerLink, TunnelInfo};
 pub use identity::{ClusterId, ClusterIdentity, KeyFingerprint, PublicKey};
 pub use info::ClusterInfo;
 pub use kubeconfig::{CredentialError, client_from_kubeconfig};

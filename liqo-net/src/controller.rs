@@ -30,7 +30,7 @@
 //! - each side watches the peer's view of itself, `NetworkConfig` `<my id>` in that namespace,
 //!   checks it (it names this cluster, states this cluster's real CIDRs, and each remapped range
 //!   has the real one's prefix length; else `NetworkReady=False`, reason `ViewInvalid`) and
-//!   hands the mappings to [`GatewayFabric::set_local_mappings`]. Until it arrives the condition
+//!   hands the mappings to [`NetworkFabric::set_local_mappings`]. Until it arrives the condition
 //!   says `ViewMissing`.
 //!
 //! The shared copy is only a publication: the IPAM's own store (e.g.
@@ -62,12 +62,11 @@ use kube::{
 };
 use liqo_core::{
     AddressTranslator, CidrMapping, ClusterId, FabricError, LinkState, LinkStatus, NetworkFabric,
-    NetworkParameters, PeerLink, WireGuardKey,
+    NetworkParameters, PeerLink, TunnelInfo,
     conditions::{self, Condition, Status},
     crds::{
         ForeignCluster, NetworkConfig, NetworkConfigSpec, NetworkConfigStatus, PeeringRole, Tunnel,
-        TunnelSpec, TunnelStatus, WireGuardBackend as BackendKind,
-        foreign_cluster_condition::NETWORK_READY,
+        TunnelSpec, TunnelStatus, foreign_cluster_condition::NETWORK_READY,
     },
     labels, names,
 };
@@ -90,40 +89,6 @@ pub const MANAGED_BY_VALUE: &str = "liqo-net";
 /// The name of the peering kubeconfig Secret for `provider` (in `liqo-tenant-<provider>`).
 pub fn kubeconfig_secret(provider: &ClusterId) -> String {
     format!("liqo-kubeconfig-{provider}")
-}
-
-/// What a `Tunnel` says about the local side of a fabric.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TunnelInfo {
-    /// The WireGuard interface.
-    pub interface: String,
-    /// Which implementation drives it.
-    pub backend: BackendKind,
-    /// The gateway's public key.
-    pub public_key: WireGuardKey,
-    /// The interface MTU.
-    pub mtu: u16,
-    /// Keepalive towards peers, in seconds.
-    pub persistent_keepalive: Option<u16>,
-}
-
-/// What the [`NetworkController`] needs of a fabric beyond [`NetworkFabric`]: implemented by
-/// [`WireGuardFabric`](crate::WireGuardFabric) and by [`NetnsFabric`](crate::netns::NetnsFabric)
-/// over one.
-#[async_trait]
-pub trait GatewayFabric: NetworkFabric + LinkSource {
-    /// Records how `cluster` addresses this cluster's networks and applies it if connected.
-    async fn set_local_mappings(
-        &self,
-        cluster: &ClusterId,
-        mappings: Vec<CidrMapping>,
-    ) -> Result<Option<PeerLink>, FabricError>;
-
-    /// The local side of the tunnel.
-    fn tunnel_info(&self) -> TunnelInfo;
-
-    /// Removes the gateway and everything it made.
-    async fn shutdown(&self) -> Result<(), FabricError>;
 }
 
 /// Errors of the [`NetworkController`].
@@ -281,14 +246,15 @@ impl Links {
 /// Records every status the checker reads into [`Links`], so metrics see fresh byte counters
 /// even when the checker publishes nothing (it only notifies on state or handshake changes).
 struct Recording {
-    fabric: Arc<dyn GatewayFabric>,
+    fabric: Arc<dyn NetworkFabric>,
     links: Links,
 }
 
 #[async_trait]
 impl LinkSource for Recording {
     async fn link_statuses(&self) -> Result<BTreeMap<ClusterId, LinkStatus>, FabricError> {
-        let s = self.fabric.link_statuses().await?;
+        let peers: Vec<ClusterId> = self.links.lock().links.keys().cloned().collect();
+        let s = self.fabric.link_statuses(&peers).await?;
         self.links.lock().statuses = s.clone();
         Ok(s)
     }
@@ -328,7 +294,7 @@ struct Ctx {
     client: Client,
     me: ClusterId,
     local: NetworkParameters,
-    fabric: Arc<dyn GatewayFabric>,
+    fabric: Arc<dyn NetworkFabric>,
     links: Links,
     /// One lock per peer: a peer whose API server hangs delays only its own reconciles.
     peers: Mutex<BTreeMap<ClusterId, PeerSlot>>,
@@ -338,11 +304,11 @@ struct Ctx {
     names: Mutex<BTreeMap<ClusterId, String>>,
 }
 
-/// Drives a [`GatewayFabric`] from the local `ForeignCluster`s (see the [module docs](self)).
+/// Drives a [`NetworkFabric`] from the local `ForeignCluster`s (see the [module docs](self)).
 pub struct NetworkController {
     client: Client,
     me: ClusterId,
-    fabric: Arc<dyn GatewayFabric>,
+    fabric: Arc<dyn NetworkFabric>,
     links: Links,
     check_interval: Duration,
 }
@@ -359,7 +325,7 @@ impl std::fmt::Debug for NetworkController {
 impl NetworkController {
     /// A controller for cluster `me` (its `ForeignCluster`s are read through `client`) over
     /// `fabric`; links are checked every 5 s.
-    pub fn new(client: Client, me: ClusterId, fabric: Arc<dyn GatewayFabric>) -> Self {
+    pub fn new(client: Client, me: ClusterId, fabric: Arc<dyn NetworkFabric>) -> Self {
         Self {
             client,
             me,
@@ -1111,8 +1077,9 @@ async fn write_tunnel(
     peer: &ClusterId,
     params: &NetworkParameters,
 ) -> Result<(), NetError> {
-    let info = ctx.fabric.tunnel_info();
-    let Some(peer_key) = params.wireguard_public_key else {
+    // A fabric without a tunnel (or a peer without a key) has no `Tunnel` to show.
+    let (Some(info), Some(peer_key)) = (ctx.fabric.tunnel_info(), params.wireguard_public_key)
+    else {
         return Ok(());
     };
     let namespace = names::tenant_namespace(peer);

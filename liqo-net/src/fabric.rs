@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use liqo_core::{
     CidrMapping, ClusterId, FabricError, LinkStatus, NetworkFabric, NetworkParameters, PeerLink,
+    TunnelInfo,
 };
 use tokio::{sync::Mutex, task::JoinHandle};
 use tracing::{info, warn};
@@ -14,7 +15,6 @@ use wireguard_control::Key;
 use crate::{
     backend::WireGuardBackend,
     checker::{LinkChecker, LinkSource},
-    controller::{GatewayFabric, TunnelInfo},
     gateway::{Gateway, GatewayConfig, GatewayPeer},
     ipam::{Allocation, Ipam, IpamConfig},
     store::AllocationStore,
@@ -395,6 +395,32 @@ impl<B: WireGuardBackend, S: AllocationStore> NetworkFabric for WireGuardFabric<
             .peer_status(remote)
             .await
     }
+
+    /// Every link's status under one lock, read once from the gateway.
+    async fn link_statuses(
+        &self,
+        peers: &[ClusterId],
+    ) -> Result<BTreeMap<ClusterId, LinkStatus>, FabricError> {
+        let mut all = LinkSource::link_statuses(self).await?;
+        all.retain(|c, _| peers.contains(c));
+        Ok(all)
+    }
+
+    async fn set_local_mappings(
+        &self,
+        cluster: &ClusterId,
+        mappings: Vec<CidrMapping>,
+    ) -> Result<Option<PeerLink>, FabricError> {
+        WireGuardFabric::set_local_mappings(self, cluster, mappings).await
+    }
+
+    fn tunnel_info(&self) -> Option<TunnelInfo> {
+        Some(self.info.clone())
+    }
+
+    async fn shutdown(&self) -> Result<(), FabricError> {
+        WireGuardFabric::shutdown(self).await
+    }
 }
 
 #[async_trait]
@@ -409,25 +435,6 @@ impl<B: WireGuardBackend, S: AllocationStore> LinkSource for WireGuardFabric<B, 
             out.insert(c, s);
         }
         Ok(out)
-    }
-}
-
-#[async_trait]
-impl<B: WireGuardBackend, S: AllocationStore> GatewayFabric for WireGuardFabric<B, S> {
-    async fn set_local_mappings(
-        &self,
-        cluster: &ClusterId,
-        mappings: Vec<CidrMapping>,
-    ) -> Result<Option<PeerLink>, FabricError> {
-        WireGuardFabric::set_local_mappings(self, cluster, mappings).await
-    }
-
-    fn tunnel_info(&self) -> TunnelInfo {
-        self.info.clone()
-    }
-
-    async fn shutdown(&self) -> Result<(), FabricError> {
-        WireGuardFabric::shutdown(self).await
     }
 }
 

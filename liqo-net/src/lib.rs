@@ -44,7 +44,7 @@ pub mod routes;
 pub mod store;
 
 pub use backend::{WireGuardBackend, generate_private_key, parse_private_key, public_key_of};
-pub use controller::{GatewayFabric, Links, NetError, NetworkController, TunnelInfo};
+pub use controller::{Links, NetError, NetworkController};
 pub use fabric::{FabricConfig, WireGuardFabric, resolve_endpoint};
 pub use gateway::{Gateway, GatewayConfig, GatewayPeer};
 pub use ipam::{Allocation, Ipam, IpamConfig};

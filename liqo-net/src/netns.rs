@@ -14,7 +14,7 @@
 //! code written against [`Netns`] works the same with and without a dedicated namespace.
 //!
 //! [`NetnsFabric`] puts a whole fabric behind a [`Netns`]: every call of the
-//! [`NetworkFabric`] and [`GatewayFabric`] traits runs on the
+//! [`NetworkFabric`] trait runs on the
 //! namespace's thread, so it can be handed to peering (`NetworkSource::Fabric`) and to the
 //! [`NetworkController`](crate::controller::NetworkController) from the host's runtime.
 //!
@@ -37,14 +37,10 @@ use async_trait::async_trait;
 use http::{Request, Response};
 use liqo_core::{
     CidrMapping, ClusterId, FabricError, LinkStatus, NetworkFabric, NetworkParameters, PeerLink,
+    TunnelInfo,
 };
 use nix::sched::{CloneFlags, setns};
 use tokio::{runtime::Handle, sync::oneshot, task::JoinHandle};
-
-use crate::{
-    checker::LinkSource,
-    controller::{GatewayFabric, TunnelInfo},
-};
 
 /// Where named network namespaces live (`ip netns add <name>` mounts them here).
 pub const NETNS_DIR: &str = "/var/run/netns";
@@ -343,12 +339,12 @@ impl tower::Service<Request<Body>> for OnRuntime {
 
 /// A fabric living in a network namespace: each call runs there (see the
 /// [module docs](self)). Cheap to clone.
-pub struct NetnsFabric<F: GatewayFabric> {
+pub struct NetnsFabric<F: NetworkFabric> {
     netns: Netns,
     fabric: Arc<F>,
 }
 
-impl<F: GatewayFabric> Clone for NetnsFabric<F> {
+impl<F: NetworkFabric> Clone for NetnsFabric<F> {
     fn clone(&self) -> Self {
         Self {
             netns: self.netns.clone(),
@@ -357,7 +353,7 @@ impl<F: GatewayFabric> Clone for NetnsFabric<F> {
     }
 }
 
-impl<F: GatewayFabric> fmt::Debug for NetnsFabric<F> {
+impl<F: NetworkFabric> fmt::Debug for NetnsFabric<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NetnsFabric")
             .field("netns", &self.netns)
@@ -365,7 +361,7 @@ impl<F: GatewayFabric> fmt::Debug for NetnsFabric<F> {
     }
 }
 
-impl<F: GatewayFabric> NetnsFabric<F> {
+impl<F: NetworkFabric> NetnsFabric<F> {
     /// Builds the fabric inside `netns` with `make` (so its gateway, sockets and processes are
     /// created there) and wraps it.
     pub async fn start<M, Fut>(netns: Netns, make: M) -> Result<Self, FabricError>
@@ -406,7 +402,7 @@ impl<F: GatewayFabric> NetnsFabric<F> {
 }
 
 #[async_trait]
-impl<F: GatewayFabric> NetworkFabric for NetnsFabric<F> {
+impl<F: NetworkFabric> NetworkFabric for NetnsFabric<F> {
     async fn local_parameters(&self) -> Result<NetworkParameters, FabricError> {
         self.call(|f| async move { f.local_parameters().await })
             .await
@@ -432,17 +428,16 @@ impl<F: GatewayFabric> NetworkFabric for NetnsFabric<F> {
         let remote = remote.clone();
         self.call(|f| async move { f.status(&remote).await }).await
     }
-}
 
-#[async_trait]
-impl<F: GatewayFabric> LinkSource for NetnsFabric<F> {
-    async fn link_statuses(&self) -> Result<BTreeMap<ClusterId, LinkStatus>, FabricError> {
-        self.call(|f| async move { f.link_statuses().await }).await
+    async fn link_statuses(
+        &self,
+        peers: &[ClusterId],
+    ) -> Result<BTreeMap<ClusterId, LinkStatus>, FabricError> {
+        let peers = peers.to_vec();
+        self.call(|f| async move { f.link_statuses(&peers).await })
+            .await
     }
-}
 
-#[async_trait]
-impl<F: GatewayFabric> GatewayFabric for NetnsFabric<F> {
     async fn set_local_mappings(
         &self,
         cluster: &ClusterId,
@@ -453,7 +448,7 @@ impl<F: GatewayFabric> GatewayFabric for NetnsFabric<F> {
             .await
     }
 
-    fn tunnel_info(&self) -> TunnelInfo {
+    fn tunnel_info(&self) -> Option<TunnelInfo> {
         self.fabric.tunnel_info()
     }
 

@@ -136,32 +136,6 @@ fn der_to_pem(der: &[u8]) -> String {
     out
 }
 
-/// A `GatewayFabric` used where a `NetworkFabric` is wanted.
-struct FabricRef(Arc<dyn liqo_net::GatewayFabric>);
-
-#[async_trait::async_trait]
-impl liqo_core::NetworkFabric for FabricRef {
-    async fn local_parameters(&self) -> Result<NetworkParameters, liqo_core::FabricError> {
-        self.0.local_parameters().await
-    }
-    async fn connect(
-        &self,
-        remote: &ClusterId,
-        params: &NetworkParameters,
-    ) -> Result<liqo_core::PeerLink, liqo_core::FabricError> {
-        self.0.connect(remote, params).await
-    }
-    async fn disconnect(&self, remote: &ClusterId) -> Result<(), liqo_core::FabricError> {
-        self.0.disconnect(remote).await
-    }
-    async fn status(
-        &self,
-        remote: &ClusterId,
-    ) -> Result<liqo_core::LinkStatus, liqo_core::FabricError> {
-        self.0.status(remote).await
-    }
-}
-
 /// An address translation already shared.
 struct SharedTranslation(Arc<dyn liqo_vk::AddressTranslation>);
 
@@ -196,8 +170,8 @@ pub struct Agent {
     pub peering_addr: Option<std::net::SocketAddr>,
     cancel: CancellationToken,
     tasks: Tasks,
-    /// The WireGuard gateway, removed at shutdown (interface, routes, NAT, daemon).
-    gateway: Option<Arc<dyn liqo_net::GatewayFabric>>,
+    /// The network fabric, shut down at shutdown (for WireGuard: interface, routes, NAT, daemon).
+    gateway: Option<Arc<dyn liqo_core::NetworkFabric>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -275,9 +249,8 @@ impl Agent {
                     "network controller",
                     controller.run(cancel.clone().cancelled_owned()),
                 );
-                let as_fabric: Arc<dyn liqo_core::NetworkFabric> = Arc::new(FabricRef(fabric));
                 (
-                    NetworkSource::Fabric(as_fabric),
+                    NetworkSource::Fabric(fabric),
                     Arc::new(crate::network::LinkTranslation(links)),
                 )
             } else {

@@ -9,10 +9,10 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
 };
-use liqo_core::{AddressTranslator, ClusterId, FabricError, NetworkParameters};
+use liqo_core::{AddressTranslator, ClusterId, FabricError, NetworkFabric, NetworkParameters};
 use liqo_net::{
-    FabricConfig, GatewayConfig, GatewayFabric, IpamConfig, Links, Netns, NetnsFabric,
-    WireGuardFabric, store::NetworkConfigStore,
+    FabricConfig, GatewayConfig, IpamConfig, Links, Netns, NetnsFabric, WireGuardFabric,
+    store::NetworkConfigStore,
 };
 
 use crate::config::{Backend, Validated};
@@ -82,7 +82,7 @@ pub async fn fabric(
     client: &Client,
     cfg: &Validated,
     local: NetworkParameters,
-) -> Result<Arc<dyn GatewayFabric>, FabricError> {
+) -> Result<Arc<dyn NetworkFabric>, FabricError> {
     let n = &cfg.raw.network;
     let key = private_key(client).await?;
     let mut gateway = GatewayConfig::new(&n.interface, n.listen_port);
@@ -102,7 +102,7 @@ pub async fn fabric(
     };
     let store = NetworkConfigStore::new(client.clone(), NAMESPACE)?;
     let netns = Netns::new(n.netns.as_deref())?;
-    let fabric: Arc<dyn GatewayFabric> = match n.backend {
+    let fabric: Arc<dyn NetworkFabric> = match n.backend {
         Backend::Kernel => Arc::new(
             NetnsFabric::start(netns, move || {
                 WireGuardFabric::start(liqo_wireguard_kernel::Kernel, store, config, key)

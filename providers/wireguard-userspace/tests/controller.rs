@@ -187,8 +187,8 @@ async fn round(
     }
     let result = scenario(&t, (a, b), (ca, cb), (id_a, id_b), (&fa, &fb), lb).await;
     // The gateways go whatever happened.
-    let sa = liqo_net::GatewayFabric::shutdown(&*fa).await;
-    let sb = liqo_net::GatewayFabric::shutdown(&*fb).await;
+    let sa = NetworkFabric::shutdown(&*fa).await;
+    let sb = NetworkFabric::shutdown(&*fb).await;
     result?;
     sa?;
     sb?;

@@ -16,7 +16,7 @@ use kube::{
 use liqo_core::{NetworkFabric, NetworkParameters, crds::NetworkConfig};
 use liqo_lab::{ClusterSpec, LabSpec};
 use liqo_net::{
-    FabricConfig, GatewayConfig, GatewayFabric, IpamConfig, Netns, NetnsFabric, WireGuardFabric,
+    FabricConfig, GatewayConfig, IpamConfig, Netns, NetnsFabric, WireGuardFabric,
     store::NetworkConfigStore,
 };
 use liqo_wireguard_userspace::{Implementation, Userspace};
