@@ -87,7 +87,7 @@ pub(super) async fn reconcile(fc: Arc<ForeignCluster>, ctx: Arc<Ctx>) -> Result<
             }
             Err(e) => {
                 drop(peers);
-                let msg = format!("connecting to {peer}'s gateway: {e}");
+                let msg = format!("connecting to {peer} through the fabric: {e}");
                 set_ready(&ctx, &fc, Status::False, "ConnectFailed", &msg).await?;
                 return Err(e.into());
             }
