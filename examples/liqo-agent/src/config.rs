@@ -255,12 +255,25 @@ pub enum Backend {
     Userspace,
 }
 
+/// Which network fabric links the pod networks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum FabricKind {
+    /// A WireGuard gateway with remapping and NAT (liqo-net): any pod CIDRs. The default.
+    #[default]
+    WireGuard,
+    /// No tunnel, no NAT (liqo-fabric-routed): the clusters' pod networks are already routed to
+    /// each other, and a peer whose CIDRs overlap this cluster's is refused.
+    Routed,
+}
+
 /// The network fabric.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct NetworkConfig {
     /// Run the fabric. Default false.
     pub enabled: bool,
+    /// `WireGuard` (the default) or `Routed`. Every field below is WireGuard's.
+    pub fabric: FabricKind,
     /// `kernel` or `userspace`.
     pub backend: Backend,
     /// Userspace implementation: `wireguard-go` or `boringtun`.
@@ -291,6 +304,7 @@ impl Default for NetworkConfig {
     fn default() -> Self {
         Self {
             enabled: false,
+            fabric: FabricKind::WireGuard,
             backend: Backend::Userspace,
             implementation: "wireguard-go".into(),
             interface: "liqo0".into(),
@@ -659,7 +673,34 @@ impl AgentConfig {
         let n = &self.network;
         let mut pools = vec![];
         let mut reserved = vec![];
-        if n.enabled {
+        if n.enabled && n.fabric == FabricKind::Routed {
+            // Nothing of the gateway applies: a field set for it is a mistake, not a default.
+            let d = NetworkConfig::default();
+            let gateway_fields = [
+                ("backend", n.backend != d.backend),
+                ("implementation", n.implementation != d.implementation),
+                ("interface", n.interface != d.interface),
+                ("listenPort", n.listen_port != d.listen_port),
+                ("endpoint", n.endpoint.is_some()),
+                ("netns", n.netns.is_some()),
+                ("pools", !n.pools.is_empty()),
+                ("reserved", !n.reserved.is_empty()),
+                ("mtu", n.mtu != d.mtu),
+                (
+                    "keepaliveSeconds",
+                    n.keepalive_seconds != d.keepalive_seconds,
+                ),
+                ("resyncSeconds", n.resync_seconds != d.resync_seconds),
+            ];
+            if let Some((field, _)) = gateway_fields.iter().find(|(_, set)| *set) {
+                return Err(bad(
+                    &format!("network.{field}"),
+                    "only for the WireGuard fabric; network.fabric is Routed (no gateway, \
+                     tunnel or remapping): remove it"
+                        .into(),
+                ));
+            }
+        } else if n.enabled {
             if n.backend == Backend::Userspace
                 && !["wireguard-go", "boringtun"].contains(&n.implementation.as_str())
             {
@@ -841,8 +882,19 @@ mod tests {
         assert_eq!(v.offer, Offer::ShareOfFree(50));
         assert!(v.raw.discovery.foreign_clusters);
         assert!(!v.raw.network.enabled);
+        assert_eq!(v.raw.network.fabric, FabricKind::WireGuard);
         assert_eq!(v.raw.peering.listen, Some("0.0.0.0:8443".parse().unwrap()));
         assert_eq!(v.endpoint, None, "0.0.0.0 cannot be advertised");
+    }
+
+    #[test]
+    fn routed_fabric_needs_no_gateway() {
+        let v = check("cluster: {name: a}\nnetwork: {enabled: true, fabric: Routed}\n")
+            .expect("a routed fabric needs no endpoint");
+        assert_eq!(v.raw.network.fabric, FabricKind::Routed);
+        // The WireGuard fields keep their defaults when given as such.
+        check("cluster: {name: a}\nnetwork: {enabled: true, fabric: Routed, mtu: 1420}\n")
+            .expect("a default value is not a WireGuard setting");
     }
 
     #[test]
@@ -978,6 +1030,22 @@ mod tests {
             "cluster: {name: a}\nnetwork: {enabled: true, endpoint: 'gw:51820', pools: [nope]}\n",
         );
         assert!(e.starts_with("agent.yaml: network.pools[0]:"), "{e}");
+        let e = err(
+            "cluster: {name: a}\nnetwork: {enabled: true, fabric: Routed, endpoint: 'gw:51820'}\n",
+        );
+        assert!(
+            e.starts_with("agent.yaml: network.endpoint: only for the WireGuard fabric"),
+            "{e}"
+        );
+        let e = err("cluster: {name: a}\nnetwork: {enabled: true, fabric: Routed, mtu: 1380}\n");
+        assert!(e.starts_with("agent.yaml: network.mtu: only for"), "{e}");
+        let e = err("cluster: {name: a}\nnetwork: {enabled: true, fabric: Flat}\n");
+        assert!(
+            e.starts_with("agent.yaml: network.fabric: unknown variant `Flat`")
+                && e.contains("WireGuard")
+                && e.contains("Routed"),
+            "{e}"
+        );
         let e =
             err("cluster: {name: a}\nvirtualKubelet: {consumer: {reflectors: [Secret, Pod]}}\n");
         assert!(

@@ -1,5 +1,6 @@
-//! The network fabric: a WireGuard gateway (kernel or userspace backend), optionally in another
-//! network namespace, driven by liqo-net's `NetworkController`.
+//! The network fabric, driven by liqo-net's `NetworkController`: a WireGuard gateway (kernel or
+//! userspace backend, optionally in another network namespace) or, for pod networks already
+//! routed to each other, liqo-fabric-routed's `RoutedFabric` (`network.fabric`).
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -15,7 +16,7 @@ use liqo_net::{
     store::NetworkConfigStore,
 };
 
-use crate::config::{Backend, Validated};
+use crate::config::{Backend, FabricKind, Validated};
 
 /// Namespace of the fabric's Secret and IPAM store.
 const NAMESPACE: &str = "liqo-system";
@@ -77,8 +78,20 @@ async fn private_key(client: &Client) -> Result<liqo_net::wireguard_control::Key
     )))
 }
 
-/// Starts the gateway the configuration describes (in `network.netns` if given).
+/// Starts the fabric the configuration describes (`network.fabric`).
 pub async fn fabric(
+    client: &Client,
+    cfg: &Validated,
+    local: NetworkParameters,
+) -> Result<Arc<dyn NetworkFabric>, FabricError> {
+    match cfg.raw.network.fabric {
+        FabricKind::WireGuard => wireguard(client, cfg, local).await,
+        FabricKind::Routed => Ok(Arc::new(liqo_fabric_routed::RoutedFabric::new(local))),
+    }
+}
+
+/// Starts the WireGuard gateway the configuration describes (in `network.netns` if given).
+async fn wireguard(
     client: &Client,
     cfg: &Validated,
     local: NetworkParameters,
