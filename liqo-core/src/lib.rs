@@ -66,7 +66,7 @@ pub use info::ClusterInfo;
 pub use network::{AddressTranslator, Cidr, CidrMapping, NetworkParameters, WireGuardKey};
 pub use offer::ResourceOffer;
 pub use peering::{
-    Challenge, Credential, PeeringAuthority, PeeringGrant, PeeringRequest, PeeringTarget,
+    Challenge, Credential, Diagnosis, PeeringAuthority, PeeringGrant, PeeringRequest, PeeringTarget,
 };
 pub use reflector::{ReflectionDirection, ReflectionScope, ResourceReflector};
 pub use runtime::{Runtime, RuntimeBuilder, RuntimeError, RuntimeEvent, RuntimeHandle};

@@ -1360,7 +1360,22 @@ async fn the_runtime_peers_and_rolls_back_through_this_authority() -> TestResult
     cfg.network = liqo_peering_csr::NetworkSource::Fabric(Arc::new(fabric.clone()));
     let p = provider(c, "rt-prov", cfg).await?;
     let cons = consumer(a, "rt-cons", Arc::new(InProcessConnector::new([p.clone()]))).await?;
-    let authority = liqo_peering_csr::CsrAuthority::new(p.clone(), cons.clone());
+    // The authority obtains and gives back; storing is the caller's (the peering controller's):
+    // this in-memory runtime does not store, so the test adds it.
+    struct Storing(Arc<liqo_peering_csr::Consumer>);
+    #[async_trait::async_trait]
+    impl liqo_core::PeeringAuthority for Storing {
+        async fn request(
+            &self,
+            t: &liqo_core::PeeringTarget,
+        ) -> Result<liqo_core::PeeringGrant, liqo_core::PeeringError> {
+            self.0.request(t).await
+        }
+        async fn release(&self, p: &liqo_core::ClusterId) -> Result<(), liqo_core::PeeringError> {
+            self.0.release(p).await
+        }
+    }
+    let authority = Storing(cons.clone());
     let runtime = Runtime::builder(cons.identity().identity())
         .discovery(StaticDiscovery::new(vec![]))
         .peering(authority)
