@@ -53,7 +53,7 @@ pub use kubeconfig::{CredentialError, client_from_kubeconfig};
 pub use network::{AddressTranslator, Cidr, CidrMapping, NetworkParameters, WireGuardKey};
 pub use offer::ResourceOffer;
 pub use peering::{
-    Challenge, Credential, PeeringAuthority, PeeringGrant, PeeringRequest, PeeringTarget,
+    Challenge, Credential, Diagnosis, PeeringAuthority, PeeringGrant, PeeringRequest, PeeringTarget,
 };
 pub use reflector::{ReflectionDirection, ReflectionScope, ResourceReflector};
 
