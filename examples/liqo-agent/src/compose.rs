@@ -1,4 +1,6 @@
-//! Builds the providers the configuration asks for and runs them until shutdown.
+//! Builds one provider per trait from the configuration and hands them to
+//! [`liqo_runtime::Agent`]: the reference agent is the SDK's builder plus configuration,
+//! metrics and logging, nothing more.
 //!
 //! Everything is Kubernetes-native: each part is a controller over the API server (discovery
 //! writes `ForeignCluster`s; peering acts on their `spec.role`; liqo-vk acts on the
@@ -7,17 +9,13 @@
 use std::{future::Future, path::Path, sync::Arc, time::Duration};
 
 use kube::Client;
-use liqo_core::{ClusterId, Discovery, NetworkParameters, PeerAdvertisement, ResourceOffer};
-use liqo_discovery::{AutoPeerPolicy, CompositeDiscovery, ControllerConfig, DiscoveryController};
+use liqo_core::{ClusterId, NetworkParameters, PeerAdvertisement, ResourceOffer};
 use liqo_peering_csr::{
-    ApiEndpoint, Consumer, HttpsConnector, IdentityOptions, LocalIdentity, NetworkSource,
-    OfferPolicy, PeeringPolicy, PeeringServer, Provider, ProviderConfig, QuotaController,
+    ApiEndpoint, Consumer, CsrAuthority, HttpsConnector, IdentityOptions, LocalIdentity,
+    NetworkSource, OfferPolicy, PeeringPolicy, PeeringServer, Provider, ProviderConfig,
     RotationController,
 };
-use liqo_vk::{
-    ConsumerAgent, PodReflector, ProviderAgent, StaticTranslation, reflection::EngineConfig,
-};
-use tokio::task::JoinSet;
+use liqo_vk::{PodReflector, ProviderAgent, reflection::EngineConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -44,14 +42,9 @@ pub enum AgentError {
         /// The error.
         message: String,
     },
-    /// A component stopped with an error before shutdown was asked.
-    #[error("{component} failed: {message}")]
-    Component {
-        /// The component.
-        component: &'static str,
-        /// The error.
-        message: String,
-    },
+    /// A component stopped before shutdown was asked (see [`liqo_runtime::AgentError`]).
+    #[error(transparent)]
+    Runtime(#[from] liqo_runtime::AgentError),
 }
 
 fn start_err(step: &'static str) -> impl Fn(&dyn std::fmt::Display) -> AgentError {
@@ -136,28 +129,34 @@ fn der_to_pem(der: &[u8]) -> String {
     out
 }
 
-/// An address translation already shared.
-struct SharedTranslation(Arc<dyn liqo_vk::AddressTranslation>);
-
-#[async_trait::async_trait]
-impl liqo_vk::AddressTranslation for SharedTranslation {
-    async fn translator(&self, provider: &ClusterId) -> liqo_core::AddressTranslator {
-        self.0.translator(provider).await
-    }
-
-    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.0.changes()
+/// A task the agent started before the runtime (it had to bind a port first), run as one of
+/// the runtime's components: `own` stops it when the runtime cancels, and its end is the
+/// component's end.
+fn linked<E: std::fmt::Display + Send + 'static>(
+    own: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), E>>,
+) -> impl FnOnce(CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+{
+    move |cancel| {
+        Box::pin(async move {
+            let stop = cancel.cancelled_owned();
+            tokio::pin!(task);
+            tokio::select! {
+                r = &mut task => return flatten(r),
+                () = stop => own.cancel(),
+            }
+            flatten(task.await)
+        })
     }
 }
 
-type Tasks = JoinSet<(&'static str, Result<(), String>)>;
-
-fn spawn<F, E>(tasks: &mut Tasks, name: &'static str, fut: F)
-where
-    F: Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
-{
-    tasks.spawn(async move { (name, fut.await.map_err(|e| e.to_string())) });
+fn flatten<E: std::fmt::Display>(
+    r: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Result<(), String> {
+    match r {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// What the agent runs, started; see [`Agent::start`].
@@ -168,10 +167,9 @@ pub struct Agent {
     pub metrics_addr: std::net::SocketAddr,
     /// Where the HTTPS peering endpoint listens, if it does.
     pub peering_addr: Option<std::net::SocketAddr>,
+    runtime: liqo_runtime::Agent,
+    /// Stops what runs outside the runtime's components (the metrics watches).
     cancel: CancellationToken,
-    tasks: Tasks,
-    /// The network fabric, shut down at shutdown (for WireGuard: interface, routes, NAT, daemon).
-    gateway: Option<Arc<dyn liqo_core::NetworkFabric>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -180,32 +178,32 @@ impl std::fmt::Debug for Agent {
             .field("cluster_id", &self.cluster_id)
             .field("metrics_addr", &self.metrics_addr)
             .field("peering_addr", &self.peering_addr)
-            .field("gateway", &self.gateway.is_some())
+            .field("runtime", &self.runtime)
             .finish_non_exhaustive()
     }
 }
 
 impl Agent {
-    /// Starts every configured part.
+    /// Builds every configured part; [`run`](Self::run) starts them.
     pub async fn start(cfg: Validated) -> Result<Self, AgentError> {
         let cancel = CancellationToken::new();
-        let mut tasks = Tasks::new();
         let (client, kube_config) = client(cfg.raw.kubeconfig.as_deref()).await?;
 
         // Health and metrics first: /healthz answers while the rest starts.
         let metrics = Metrics::new();
         let readiness = Readiness::new(client.clone());
+        let metrics_cancel = cancel.child_token();
         let (metrics_addr, server) = crate::metrics::serve(
             cfg.raw
                 .metrics_addr
                 .unwrap_or(crate::config::DEFAULT_METRICS_ADDR),
             metrics.clone(),
             readiness.clone(),
-            cancel.clone(),
+            metrics_cancel.clone(),
         )
         .await
         .map_err(|e| start_err("binding metricsAddr")(&e))?;
-        tasks.spawn(async move { ("metrics server", server.await.map_err(|e| e.to_string())) });
+        let server = tokio::spawn(async move { server.await.map_err(|e| e.to_string()) });
         tracing::info!(%metrics_addr, "serving /metrics, /healthz, /readyz");
 
         if cfg.raw.install_crds.unwrap_or(true) {
@@ -228,40 +226,26 @@ impl Agent {
         let me = identity.id().clone();
         tracing::info!(cluster = %me, name = identity.name(), fingerprint = %identity.fingerprint(), "identity loaded");
         metrics.watch(client.clone(), cancel.clone());
+        let mut agent = liqo_runtime::Agent::builder(client.clone(), me.clone())
+            .component("metrics server", linked(metrics_cancel, server));
 
+        // The network fabric: its parameters (gateway endpoint and key) go to peers at each
+        // grant, its links translate offloaded pods' addresses.
         let mut network = NetworkParameters::new(cfg.pod_cidr, cfg.service_cidr);
         network.external_cidr = cfg.external_cidr;
-        // The network fabric: its parameters (gateway endpoint and key) go to peers at each grant,
-        // its links translate offloaded pods' addresses.
-        let mut gateway = None;
-        let (network_source, translation): (NetworkSource, Arc<dyn liqo_vk::AddressTranslation>) =
-            if cfg.raw.network.enabled {
-                network.gateway_endpoint = cfg.raw.network.endpoint.clone();
-                let fabric = crate::network::fabric(&client, &cfg, network)
-                    .await
-                    .map_err(|e| start_err("starting the network fabric (network)")(&e))?;
-                gateway = Some(fabric.clone());
-                let controller =
-                    liqo_net::NetworkController::new(client.clone(), me.clone(), fabric.clone());
-                let links = controller.links();
-                spawn(
-                    &mut tasks,
-                    "network controller",
-                    controller.run(cancel.clone().cancelled_owned()),
-                );
-                (
-                    NetworkSource::Fabric(fabric),
-                    Arc::new(crate::network::LinkTranslation(links)),
-                )
-            } else {
-                (
-                    NetworkSource::Static(network),
-                    Arc::new(StaticTranslation::identity()),
-                )
-            };
+        let network_source = if cfg.raw.network.enabled {
+            network.gateway_endpoint = cfg.raw.network.endpoint.clone();
+            let fabric = crate::network::fabric(&client, &cfg, network)
+                .await
+                .map_err(|e| start_err("starting the network fabric (network)")(&e))?;
+            agent = agent.fabric(fabric.clone());
+            NetworkSource::Fabric(fabric)
+        } else {
+            NetworkSource::Static(network)
+        };
 
-        // Peering: the provider role behind the HTTPS endpoint, the consumer role driven by
-        // ForeignCluster.spec.role.
+        // Peering (the CSR method): the provider role behind the HTTPS endpoint, the consumer
+        // role driven by ForeignCluster.spec.role through liqo-peering's controller.
         let mut peering_addr = None;
         if let Some(listen) = cfg.raw.peering.listen {
             let offer = match &cfg.offer {
@@ -297,25 +281,14 @@ impl Agent {
                 identity.clone(),
                 provider_config,
             ));
+            let server_cancel = cancel.child_token();
             let (addr, server) = PeeringServer::new(provider)
-                .spawn(listen, cancel.clone().cancelled_owned())
+                .spawn(listen, server_cancel.clone().cancelled_owned())
                 .await
                 .map_err(|e| start_err("binding peering.listen")(&e))?;
-            tasks.spawn(async move {
-                let r = match server.await {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                ("peering server", r)
-            });
+            agent = agent.component("peering server", linked(server_cancel, server));
             peering_addr = Some(addr);
             tracing::info!(%addr, "serving the HTTPS peering endpoint");
-            spawn(
-                &mut tasks,
-                "quota controller",
-                QuotaController::new(client.clone(), me.clone())
-                    .run(cancel.clone().cancelled_owned()),
-            );
         }
         let endpoint = cfg.endpoint.clone().or_else(|| {
             peering_addr
@@ -334,26 +307,16 @@ impl Agent {
             network_source,
             Arc::new(HttpsConnector::default()),
         ));
-        {
-            let rotation = RotationController::new(client.clone(), consumer.clone());
-            let stop = cancel.clone().cancelled_owned();
-            tasks.spawn(async move {
-                rotation.run(stop).await;
-                ("credential rotation", Ok(()))
-            });
-        }
-        spawn(
-            &mut tasks,
-            "peering controller",
-            liqo_peering::PeeringController::new(
-                client.clone(),
-                me.clone(),
-                Arc::new(liqo_peering_csr::CsrAuthority::consumer_side(
-                    consumer.clone(),
-                )),
-            )
-            .run(cancel.clone().cancelled_owned()),
-        );
+        let rotation = RotationController::new(client.clone(), consumer.clone());
+        agent = agent
+            .peering(Arc::new(CsrAuthority::consumer_side(consumer)))
+            .component(
+                "credential rotation",
+                move |cancel: CancellationToken| async move {
+                    rotation.run(cancel.cancelled_owned()).await;
+                    Ok::<(), std::convert::Infallible>(())
+                },
+            );
 
         // What peers and liqoctl read about us.
         let info = liqo_core::info::ClusterInfo {
@@ -366,10 +329,8 @@ impl Agent {
             .await
             .map_err(|e| start_err("publishing liqo-system/liqo-cluster-info")(&e))?;
 
-        // Discovery.
+        // Discovery: every configured source, merged by the runtime.
         let d = &cfg.raw.discovery;
-        let mut builder = CompositeDiscovery::builder();
-        let mut sources = 0;
         if d.mdns.enabled {
             let mdns = liqo_discovery_mdns::MdnsDiscovery::new(
                 liqo_discovery_mdns::MdnsConfig::default().interfaces(
@@ -380,8 +341,7 @@ impl Agent {
                 ),
             )
             .map_err(|e| start_err("starting mDNS discovery (discovery.mdns)")(&e))?;
-            builder = builder.source(mdns);
-            sources += 1;
+            agent = agent.discovery(mdns);
         }
         if let Some(dns) = &d.dns {
             let mut c = liqo_discovery_dns::DnsConfig::new(dns.domain.clone());
@@ -390,67 +350,42 @@ impl Agent {
             }
             let dns = liqo_discovery_dns::DnsDiscovery::new(c)
                 .map_err(|e| start_err("starting DNS discovery (discovery.dns)")(&e))?;
-            builder = builder.source(dns);
-            sources += 1;
+            agent = agent.discovery(dns);
         }
         if let Some(file) = &d.r#static.file {
-            builder = builder.source(liqo_discovery_static::FileDiscovery::new(file.clone()));
-            sources += 1;
+            agent = agent.discovery(liqo_discovery_static::FileDiscovery::new(file.clone()));
         }
         if !cfg.static_peers.is_empty() {
-            builder = builder.source(liqo_discovery_static::StaticDiscovery::new(
+            agent = agent.discovery(liqo_discovery_static::StaticDiscovery::new(
                 cfg.static_peers.clone(),
             ));
-            sources += 1;
         }
         if d.foreign_clusters {
-            builder = builder.source(liqo_discovery_static::ForeignClusterDiscovery::new(
+            agent = agent.discovery(liqo_discovery_static::ForeignClusterDiscovery::new(
                 client.clone(),
             ));
-            sources += 1;
         }
-        if sources > 0 {
-            let composite = builder.ignore(me.clone()).build();
-            if let Some(endpoint) = &endpoint {
-                let ad = PeerAdvertisement {
-                    cluster_id: me.clone(),
-                    cluster_name: identity.name().to_owned(),
-                    peering_endpoint: endpoint.clone(),
-                    key_fingerprint: Some(identity.fingerprint()),
-                    protocol_version: liqo_core::PROTOCOL_VERSION,
-                    source: liqo_core::DiscoverySource::Manual,
-                    ttl: None,
-                };
-                if let Err(e) = composite.advertise(&ad).await {
-                    tracing::warn!(error = %e, "advertising this cluster failed");
-                }
-            }
-            let mut auto = AutoPeerPolicy::none();
-            for s in &cfg.auto_peer {
-                auto = auto.allow(*s);
-            }
-            spawn(
-                &mut tasks,
-                "discovery controller",
-                DiscoveryController::new(client.clone(), composite)
-                    .with_config(
-                        ControllerConfig::default()
-                            .auto_peer(auto)
-                            .local_cluster(me.clone()),
-                    )
-                    .run(cancel.clone().cancelled_owned()),
-            );
+        if let Some(endpoint) = &endpoint {
+            agent = agent.advertise(PeerAdvertisement {
+                cluster_id: me.clone(),
+                cluster_name: identity.name().to_owned(),
+                peering_endpoint: endpoint.clone(),
+                key_fingerprint: Some(identity.fingerprint()),
+                protocol_version: liqo_core::PROTOCOL_VERSION,
+                source: liqo_core::DiscoverySource::Manual,
+                ttl: None,
+            });
+        }
+        for s in &cfg.auto_peer {
+            agent = agent.auto_peer(*s);
         }
 
         // The virtual kubelet.
         let vk = &cfg.raw.virtual_kubelet;
         if vk.provider.enabled {
-            spawn(
-                &mut tasks,
-                "virtual kubelet (provider)",
+            agent = agent.provider(
                 ProviderAgent::new(client.clone(), me.clone())
-                    .pod_security(cfg.pod_security.clone())
-                    .run(cancel.clone().cancelled_owned()),
+                    .pod_security(cfg.pod_security.clone()),
             );
         }
         if vk.consumer.enabled {
@@ -476,72 +411,24 @@ impl Agent {
                 workers: vk.consumer.pod_workers,
                 ..EngineConfig::default()
             });
-            let agent = ConsumerAgent::builder(client.clone(), me.clone())
-                .reflectors(reflectors)
-                .translation(SharedTranslation(translation))
-                .config(config)
-                .pod_reflector(pods)
-                .build();
-            spawn(
-                &mut tasks,
-                "virtual kubelet (consumer)",
-                agent.run(cancel.clone().cancelled_owned()),
-            );
+            agent = agent.reflectors(reflectors).consumer(config, pods);
         }
         readiness.set_started();
         Ok(Self {
             cluster_id: me,
             metrics_addr,
             peering_addr,
+            runtime: agent.build(),
             cancel,
-            tasks,
-            gateway,
         })
     }
 
-    /// Runs until `shutdown` resolves or a component fails, then stops every component: peerings,
-    /// tunnels and remote workloads are left in place. `Err` names the component that failed.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-        let mut failure = None;
-        tokio::select! {
-            () = shutdown => tracing::info!("shutting down"),
-            Some(joined) = self.tasks.join_next() => {
-                let (component, result) = joined.unwrap_or(("a component", Err("panicked".into())));
-                tracing::error!(component, result = ?result, "component stopped; shutting down");
-                failure = Some(AgentError::Component {
-                    component,
-                    message: result.err().unwrap_or_else(|| "stopped unexpectedly".into()),
-                });
-            }
-        }
+    /// Runs until `shutdown` resolves or a component fails, then stops every component and the
+    /// fabric: peerings and remote workloads are left in place. `Err` names the component that
+    /// failed.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        let result = self.runtime.run(shutdown).await;
         self.cancel.cancel();
-        let drain = async {
-            while let Some(joined) = self.tasks.join_next().await {
-                match joined {
-                    Ok((component, Err(e))) => {
-                        tracing::warn!(component, error = %e, "stopped with an error")
-                    }
-                    Ok((component, Ok(()))) => tracing::debug!(component, "stopped"),
-                    Err(e) => tracing::warn!(error = %e, "a component panicked"),
-                }
-            }
-        };
-        if tokio::time::timeout(Duration::from_secs(30), drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!("components still stopping after 30s; leaving them");
-        }
-        // The gateway goes with the agent, leaving no interface, route, NAT table or daemon
-        // behind; peerings, NetworkConfig views and allocations stay, so the next start
-        // rebuilds the same tunnels. Remote workloads keep running on the providers meanwhile.
-        if let Some(gateway) = self.gateway.take() {
-            match gateway.shutdown().await {
-                Ok(()) => tracing::info!("gateway removed"),
-                Err(e) => tracing::warn!(error = %e, "removing the gateway failed"),
-            }
-        }
-        tracing::info!("agent stopped");
-        failure.map_or(Ok(()), Err)
+        Ok(result?)
     }
 }

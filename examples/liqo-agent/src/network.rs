@@ -4,15 +4,14 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use async_trait::async_trait;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
 };
-use liqo_core::{AddressTranslator, ClusterId, FabricError, NetworkFabric, NetworkParameters};
+use liqo_core::{FabricError, NetworkFabric, NetworkParameters};
 use liqo_net::{
-    FabricConfig, GatewayConfig, IpamConfig, Links, Netns, NetnsFabric, WireGuardFabric,
+    FabricConfig, GatewayConfig, IpamConfig, Netns, NetnsFabric, WireGuardFabric,
     store::NetworkConfigStore,
 };
 
@@ -139,22 +138,4 @@ async fn wireguard(
         }
     };
     Ok(fabric)
-}
-
-/// The virtual kubelet's address translation from the network controller's links: identity
-/// until a peer's link is known.
-#[derive(Debug, Clone)]
-pub struct LinkTranslation(pub Links);
-
-#[async_trait]
-impl liqo_vk::AddressTranslation for LinkTranslation {
-    async fn translator(&self, provider: &ClusterId) -> AddressTranslator {
-        self.0
-            .translator(provider)
-            .unwrap_or_else(|| liqo_vk::identity_translator(provider))
-    }
-
-    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        Some(self.0.changes())
-    }
 }
