@@ -19,7 +19,7 @@ use liqo_vk::{PodReflector, ProviderAgent, reflection::EngineConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{Offer, PolicyKind, Validated},
+    config::{Offer, PeeringMethod, PolicyKind, Validated},
     metrics::{Metrics, Readiness},
 };
 
@@ -244,10 +244,14 @@ impl Agent {
             NetworkSource::Static(network)
         };
 
-        // Peering (the CSR method): the provider role behind the HTTPS endpoint, the consumer
-        // role driven by ForeignCluster.spec.role through liqo-peering's controller.
+        // Peering: the consumer role driven by ForeignCluster.spec.role through liqo-peering's
+        // controller, over the configured method; with the CSR method, the provider role
+        // behind the HTTPS endpoint.
+        let method = cfg.raw.peering.method;
         let mut peering_addr = None;
-        if let Some(listen) = cfg.raw.peering.listen {
+        if method == PeeringMethod::Csr
+            && let Some(listen) = cfg.raw.peering.listen
+        {
             let offer = match &cfg.offer {
                 Offer::Absolute { cpu, memory, pods } => {
                     OfferPolicy::Absolute(ResourceOffer::new(cpu, memory, *pods))
@@ -301,22 +305,37 @@ impl Agent {
                  endpoint is published, peers must be told it by hand"
             );
         }
-        let consumer = Arc::new(Consumer::new(
-            client.clone(),
-            identity.clone(),
-            network_source,
-            Arc::new(HttpsConnector::default()),
-        ));
-        let rotation = RotationController::new(client.clone(), consumer.clone());
-        agent = agent
-            .peering(Arc::new(CsrAuthority::consumer_side(consumer)))
-            .component(
-                "credential rotation",
-                move |cancel: CancellationToken| async move {
-                    rotation.run(cancel.cancelled_owned()).await;
-                    Ok::<(), std::convert::Infallible>(())
-                },
-            );
+        match method {
+            PeeringMethod::Csr => {
+                let consumer = Arc::new(Consumer::new(
+                    client.clone(),
+                    identity.clone(),
+                    network_source,
+                    Arc::new(HttpsConnector::default()),
+                ));
+                let rotation = RotationController::new(client.clone(), consumer.clone());
+                agent = agent
+                    .peering(Arc::new(CsrAuthority::consumer_side(consumer)))
+                    .component(
+                        "credential rotation",
+                        move |cancel: CancellationToken| async move {
+                            rotation.run(cancel.cancelled_owned()).await;
+                            Ok::<(), std::convert::Infallible>(())
+                        },
+                    );
+            }
+            PeeringMethod::Kubeconfig => {
+                tracing::info!(
+                    "peering.method is Kubeconfig: no peering endpoint; providers are reached \
+                     through the bundles their administrators issue (Secrets \
+                     liqo-system/liqo-peering-bundle-<provider>)"
+                );
+                agent = agent.peering(Arc::new(liqo_peering_kubeconfig::KubeconfigAuthority::new(
+                    client.clone(),
+                    me.clone(),
+                )));
+            }
+        }
 
         // What peers and liqoctl read about us.
         let info = liqo_core::info::ClusterInfo {

@@ -163,6 +163,20 @@ pub struct StaticPeer {
     pub key_fingerprint: Option<String>,
 }
 
+/// How this cluster obtains credentials from providers (and how it grants them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum PeeringMethod {
+    /// One-step peering over the provider agent's HTTPS endpoint (liqo-peering-csr): the
+    /// consumer proves its key, the provider's policy decides, credentials are renewed. The
+    /// default.
+    #[default]
+    Csr,
+    /// Out of band (liqo-peering-kubeconfig): the provider's administrator issues a peering
+    /// bundle, the consumer's stores it as Secret `liqo-system/liqo-peering-bundle-<provider>`;
+    /// no endpoint is served or used.
+    Kubeconfig,
+}
+
 /// Which consumers a provider accepts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub enum PolicyKind {
@@ -210,8 +224,10 @@ impl Default for OfferConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PeeringConfig {
+    /// `Csr` (the default) or `Kubeconfig`. Every field below but `offer` is the CSR method's.
+    pub method: PeeringMethod,
     /// Serve the HTTPS peering endpoint (provider role) here; `null` for consumer only.
-    /// Default `0.0.0.0:8443`.
+    /// Default `0.0.0.0:8443`; not served with the `Kubeconfig` method.
     pub listen: Option<SocketAddr>,
     /// The endpoint advertised to peers (`https://host:port`); default derived from `listen`.
     pub endpoint: Option<String>,
@@ -232,6 +248,7 @@ pub struct PeeringConfig {
 impl Default for PeeringConfig {
     fn default() -> Self {
         Self {
+            method: PeeringMethod::Csr,
             listen: Some(SocketAddr::from(([0, 0, 0, 0], 8443))),
             endpoint: None,
             api_server: None,
@@ -670,6 +687,28 @@ impl AgentConfig {
             ));
         }
 
+        if p.method == PeeringMethod::Kubeconfig {
+            // No endpoint and no handshake: a field set for them is a mistake, not a default.
+            let d = PeeringConfig::default();
+            let csr_fields = [
+                ("endpoint", p.endpoint.is_some()),
+                ("policy", p.policy != d.policy),
+                ("allowList", !p.allow_list.is_empty()),
+                (
+                    "credentialLifetimeSeconds",
+                    p.credential_lifetime_seconds != d.credential_lifetime_seconds,
+                ),
+            ];
+            if let Some((field, _)) = csr_fields.iter().find(|(_, set)| *set) {
+                return Err(bad(
+                    &format!("peering.{field}"),
+                    "only for the Csr method; peering.method is Kubeconfig (no endpoint: \
+                     the provider's administrator issues bundles): remove it"
+                        .into(),
+                ));
+            }
+        }
+
         let n = &self.network;
         let mut pools = vec![];
         let mut reserved = vec![];
@@ -885,6 +924,33 @@ mod tests {
         assert_eq!(v.raw.network.fabric, FabricKind::WireGuard);
         assert_eq!(v.raw.peering.listen, Some("0.0.0.0:8443".parse().unwrap()));
         assert_eq!(v.endpoint, None, "0.0.0.0 cannot be advertised");
+    }
+
+    #[test]
+    fn kubeconfig_method_needs_no_endpoint() {
+        let v = check("cluster: {name: a}\npeering: {method: Kubeconfig}\n")
+            .expect("the kubeconfig method needs nothing more");
+        assert_eq!(v.raw.peering.method, PeeringMethod::Kubeconfig);
+        assert_eq!(
+            check("cluster: {name: a}\n").unwrap().raw.peering.method,
+            PeeringMethod::Csr
+        );
+        let e = err("cluster: {name: a}\npeering: {method: Kubeconfig, policy: AcceptAll}\n");
+        assert!(
+            e.starts_with("agent.yaml: peering.policy: only for the Csr method"),
+            "{e}"
+        );
+        let e = err("cluster: {name: a}\npeering: {method: Kubeconfig, endpoint: 'https://x:1'}\n");
+        assert!(
+            e.starts_with("agent.yaml: peering.endpoint: only for the Csr method"),
+            "{e}"
+        );
+        let e = err("cluster: {name: a}\npeering: {method: Token}\n");
+        assert!(
+            e.starts_with("agent.yaml: peering.method: unknown variant `Token`")
+                && e.contains("Kubeconfig"),
+            "{e}"
+        );
     }
 
     #[test]
