@@ -44,3 +44,26 @@ cargo package --workspace "${excludes[@]}" --locked \
   --config 'profile.dev.package."*".debug=false' \
   "$@"
 log "all publishable crates packaged and built in $((SECONDS - start)) s"
+
+# A user's agent outside this workspace (examples/own-agent: one provider of its own, the others
+# from the SDK), built against the packages just made and nothing else of this tree: crates.io's
+# `liqo-*` are replaced by the unpacked packages, so only the published API is used.
+own=$(mktemp -d)
+trap 'rm -rf "$own"' EXIT
+cp -r examples/own-agent/. "$own/"
+cp Cargo.lock "$own/Cargo.lock" # the workspace's versions of everything else, when they fit
+{
+  echo
+  echo '[patch.crates-io]'
+  for dir in target/package/liqo-*/; do
+    dir=${dir%/}
+    [ -f "$dir/Cargo.toml" ] || continue
+    name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$dir/Cargo.toml" | head -n 1)
+    echo "$name = { path = \"$PWD/$dir\" }"
+  done
+} >>"$own/Cargo.toml"
+start=$SECONDS
+CARGO_TARGET_DIR="$PWD/target/own-agent" cargo build --manifest-path "$own/Cargo.toml" \
+  --config 'profile.dev.debug="line-tables-only"' \
+  --config 'profile.dev.package."*".debug=false'
+log "examples/own-agent built from the packages alone in $((SECONDS - start)) s"
