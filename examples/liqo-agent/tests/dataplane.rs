@@ -153,7 +153,7 @@ fn start_agent(
         &[],
         format!("127.0.0.1:{metrics_port}"),
         dir.join(format!("{name}.log")),
-        "info,liqo_net=debug,liqo_wireguard_userspace=debug,kube_runtime=warn",
+        "info,liqo_net=debug,liqo_fabric_wireguard=debug,liqo_wireguard_userspace=debug,kube_runtime=warn",
     )
 }
 
