@@ -90,6 +90,15 @@ pub enum PeeringError {
         /// What failed.
         message: String,
     },
+    /// Input the authority was handed is malformed or inconsistent (a peering bundle, a field
+    /// of a peer's answer): `what` names the input and field, `reason` what is wrong with it.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// The input and field, e.g. `peering bundle liqo-system/b: field credential.kubeconfig`.
+        what: String,
+        /// What is wrong and, where known, how to fix it.
+        reason: String,
+    },
     /// A Kubernetes API call failed while granting or revoking.
     #[error("kubernetes API error while {action}: {source}")]
     Kube {

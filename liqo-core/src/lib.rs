@@ -12,26 +12,12 @@
 //!   [`ResourceOffer`], [`NetworkParameters`], [`Cidr`], [`CidrMapping`];
 //! - the custom resources in [`crds`] (`ForeignCluster`, `NamespaceOffloading`, `ResourceOffer`,
 //!   `VirtualNode`, `NetworkConfig`, `Tunnel`) with schema validation the API server enforces;
-//! - the [`Runtime`] that composes one provider per trait into a running agent;
 //! - [`info`]: the [`ClusterInfo`] (id, name, peering endpoint, key fingerprint) a cluster
 //!   publishes about itself in ConfigMap `liqo-system/liqo-cluster-info`.
 //!
-//! A binary of your own is a few lines:
-//!
-//! ```no_run
-//! # #[cfg(feature = "testing")]
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use liqo_core::{ClusterIdentity, Runtime, testing};
-//!
-//! let me = ClusterIdentity::new("cluster-a".parse()?, "Cluster A");
-//! let runtime = Runtime::builder(me)
-//!     .discovery(testing::StaticDiscovery::new(vec![]))
-//!     .peering(testing::TestPeering::default())
-//!     .fabric(testing::IdentityFabric::default())
-//!     .build()?;
-//! runtime.run(async { let _ = tokio::signal::ctrl_c().await; }).await?;
-//! # Ok(()) }
-//! ```
+//! The Kubernetes-native controllers that run these traits live in the crate of each concern
+//! (liqo-discovery, liqo-peering, liqo-net, liqo-vk); the `liqo-runtime` crate composes them, one
+//! provider per trait, into an agent.
 //!
 //! This crate never enables a `k8s-openapi` version feature: the final binary chooses the
 //! Kubernetes version.
@@ -46,11 +32,11 @@ mod error;
 mod fabric;
 mod identity;
 pub mod info;
+pub mod kubeconfig;
 mod network;
 mod offer;
 mod peering;
 mod reflector;
-pub mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -63,13 +49,13 @@ pub use error::{BoxError, DiscoveryError, FabricError, ParseError, PeeringError,
 pub use fabric::{LinkState, LinkStatus, NetworkFabric, PeerLink, TunnelInfo};
 pub use identity::{ClusterId, ClusterIdentity, KeyFingerprint, PublicKey};
 pub use info::ClusterInfo;
+pub use kubeconfig::{CredentialError, client_from_kubeconfig};
 pub use network::{AddressTranslator, Cidr, CidrMapping, NetworkParameters, WireGuardKey};
 pub use offer::ResourceOffer;
 pub use peering::{
-    Challenge, Credential, PeeringAuthority, PeeringGrant, PeeringRequest, PeeringTarget,
+    Challenge, Credential, Diagnosis, PeeringAuthority, PeeringGrant, PeeringRequest, PeeringTarget,
 };
 pub use reflector::{ReflectionDirection, ReflectionScope, ResourceReflector};
-pub use runtime::{Runtime, RuntimeBuilder, RuntimeError, RuntimeEvent, RuntimeHandle};
 
 /// The domain under which every label, annotation, finalizer and API group of liqo-rs lives.
 pub const DOMAIN: &str = "liqo.io";

@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     ClusterId, ClusterIdentity, KeyFingerprint, NetworkParameters, PeeringError, ResourceOffer,
+    crds::{ForeignCluster, foreign_cluster_condition as cond},
 };
 
 /// The provider a consumer wants to peer with.
@@ -142,61 +143,106 @@ pub struct PeeringGrant {
     pub network: NetworkParameters,
 }
 
-/// Establishes trust between clusters, on both sides of a peering.
+/// What went wrong with a peering, for the condition the peering controller writes on the
+/// provider's `ForeignCluster`: which condition, a machine-readable reason, and a message that
+/// says what to do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnosis {
+    /// The condition type: [`AUTHENTICATED`](crate::crds::foreign_cluster_condition::AUTHENTICATED)
+    /// (reaching and trusting the provider, being admitted) or
+    /// [`OFFER_ACCEPTED`](crate::crds::foreign_cluster_condition::OFFER_ACCEPTED) (storing what
+    /// it granted).
+    pub condition: &'static str,
+    /// CamelCase reason, e.g. `MissingPeeringEndpoint`.
+    pub reason: &'static str,
+    /// What was wrong, where, and the next step.
+    pub message: String,
+}
+
+/// Obtains and gives back a consumer's access to providers: one peering *method*.
 ///
-/// As a **consumer**, [`request`](Self::request) obtains a [`PeeringGrant`] from a provider
-/// (proving identity through the provider's [`challenge`](Self::challenge)) and
-/// [`release`](Self::release) gives it back. As a **provider**, [`challenge`](Self::challenge)
-/// issues a nonce, [`grant`](Self::grant) verifies a signed request and creates the tenant
-/// namespace, credential and quota, and [`revoke`](Self::revoke) removes them all. A cluster
-/// that is both consumer and provider uses one authority for both roles.
+/// The peering controller (crate `liqo-peering`) drives any implementation from the provider's
+/// `ForeignCluster` on the consumer's cluster: it asks for the [`target`](Self::target), calls
+/// [`request`](Self::request) and **stores the grant itself** (kubeconfig Secret,
+/// `ResourceOffer`, `VirtualNode`), the same way for every method; on release it calls
+/// [`release`](Self::release) and removes what it stored once the provider confirmed.
 ///
-/// A provider in a few lines, one that refuses everybody (a useful default for a cluster that
-/// only consumes):
+/// # Why this shape
+/// * **Consumer side only.** What a provider does differs entirely between methods (a signed
+///   challenge over an HTTPS endpoint, an administrator issuing a bundle offline) and nothing
+///   generic calls into it: it is driven by the peer's requests or by the administrator. What
+///   providers share is not a call but the tenant they build (namespace, quota, RBAC,
+///   conditions), which the `liqo-peering` crate offers as a library. So the provider side is
+///   each method's own API, not a trait method a method without an endpoint would have to stub.
+/// * **`request` returns, the caller stores.** Storing a grant, telling what is held and removing
+///   it locally are the same for every method, so they live once, in the controller's crate;
+///   an authority only talks to its provider.
+/// * **`target` and `explain`** let a method read its own locator from the `ForeignCluster`
+///   (an HTTPS endpoint, a bundle Secret) and turn its own errors into conditions that say what
+///   to fix, without the controller knowing the method.
+///
+/// A method in a few lines, one that reads nothing and grants nothing (a useful default for a
+/// cluster that only provides):
 ///
 /// ```
 /// use async_trait::async_trait;
-/// use liqo_core::{Challenge, ClusterId, PeeringAuthority, PeeringError, PeeringGrant,
-///                 PeeringRequest, PeeringTarget};
+/// use liqo_core::{ClusterId, PeeringAuthority, PeeringError, PeeringGrant, PeeringTarget};
 ///
-/// struct ConsumeOnly;
+/// struct ProvideOnly;
 ///
 /// #[async_trait]
-/// impl PeeringAuthority for ConsumeOnly {
+/// impl PeeringAuthority for ProvideOnly {
 ///     async fn request(&self, t: &PeeringTarget) -> Result<PeeringGrant, PeeringError> {
-///         Err(PeeringError::Unreachable { endpoint: t.endpoint.clone(), message: "not implemented here".into() })
+///         Err(PeeringError::Unreachable { endpoint: t.endpoint.clone(), message: "this cluster consumes nothing".into() })
 ///     }
 ///     async fn release(&self, provider: &ClusterId) -> Result<(), PeeringError> {
 ///         Err(PeeringError::NotPeered(provider.clone()))
-///     }
-///     async fn challenge(&self, consumer: &ClusterId) -> Result<Challenge, PeeringError> {
-///         Err(PeeringError::Refused { cluster: consumer.clone(), reason: "this cluster provides nothing".into() })
-///     }
-///     async fn grant(&self, req: PeeringRequest) -> Result<PeeringGrant, PeeringError> {
-///         Err(PeeringError::Refused { cluster: req.consumer.id, reason: "this cluster provides nothing".into() })
-///     }
-///     async fn revoke(&self, consumer: &ClusterId) -> Result<(), PeeringError> {
-///         Err(PeeringError::NotPeered(consumer.clone()))
 ///     }
 /// }
 /// ```
 #[async_trait]
 pub trait PeeringAuthority: Send + Sync + 'static {
-    /// Consumer side: asks the provider at `target` for access and returns what it granted.
+    /// What to ask for, as the provider's `ForeignCluster` on this (the consumer's) cluster says.
+    ///
+    /// The default reads `spec.peeringEndpoint` (required), `spec.clusterId` and the pin
+    /// `spec.publicKeyFingerprint`; a method that locates its provider otherwise overrides it. An
+    /// error says which field to fix.
+    fn target(&self, fc: &ForeignCluster) -> Result<PeeringTarget, Diagnosis> {
+        let Some(endpoint) = fc.spec.peering_endpoint.clone().filter(|e| !e.is_empty()) else {
+            return Err(Diagnosis {
+                condition: cond::AUTHENTICATED,
+                reason: "MissingPeeringEndpoint",
+                message: format!(
+                    "spec.role is {:?} but spec.peeringEndpoint is empty: set it to the provider's peering endpoint (published in its ConfigMap liqo-system/liqo-cluster-info)",
+                    fc.spec.role
+                ),
+            });
+        };
+        Ok(PeeringTarget {
+            cluster_id: Some(fc.spec.cluster_id.clone()),
+            endpoint,
+            expected_fingerprint: fc.spec.public_key_fingerprint,
+        })
+    }
+
+    /// Asks the provider at `target` for access and returns what it granted, **without storing
+    /// it**: the caller does (the controller stores every method's grants the same way). Asking
+    /// again while peered renews.
     async fn request(&self, target: &PeeringTarget) -> Result<PeeringGrant, PeeringError>;
 
-    /// Consumer side: gives back access to `provider` and forgets the credential.
+    /// Gives back access to `provider` on the provider's side, where the method can (it may
+    /// read what was stored locally to find the provider). Leaves the local copy alone: the
+    /// caller removes it once this returned `Ok` or [`PeeringError::NotPeered`] (the provider no
+    /// longer knows us). [`PeeringError::Unreachable`] and [`PeeringError::Refused`] mean "not
+    /// confirmed": the caller keeps everything and retries, so no tenant is orphaned.
     async fn release(&self, provider: &ClusterId) -> Result<(), PeeringError>;
 
-    /// Provider side: issues a fresh single-use nonce for `consumer` to sign.
-    async fn challenge(&self, consumer: &ClusterId) -> Result<Challenge, PeeringError>;
-
-    /// Provider side: verifies the signed request against the policy and, if accepted, creates
-    /// the tenant namespace, credential, RBAC and quota. Nothing is left behind on refusal.
-    async fn grant(&self, request: PeeringRequest) -> Result<PeeringGrant, PeeringError>;
-
-    /// Provider side: revokes `consumer`'s credential and removes everything made for it.
-    async fn revoke(&self, consumer: &ClusterId) -> Result<(), PeeringError>;
+    /// A method-specific reading of `error` from [`request`](Self::request) for `target`, or
+    /// `None` for the generic one (by error kind).
+    fn explain(&self, error: &PeeringError, target: &PeeringTarget) -> Option<Diagnosis> {
+        let _ = (error, target);
+        None
+    }
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -14,11 +14,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Challenge, CidrMapping, ClusterId, ClusterIdentity, Credential, Discovery, DiscoveryError,
-    DiscoveryEvent, DiscoverySource, DiscoveryStream, FabricError, LinkState, LinkStatus,
-    NetworkFabric, NetworkParameters, PeerAdvertisement, PeerLink, PeeringAuthority, PeeringError,
-    PeeringGrant, PeeringRequest, PeeringTarget, ReflectionDirection, ReflectionError,
-    ReflectionScope, ResourceOffer, ResourceReflector,
+    CidrMapping, ClusterId, ClusterIdentity, Credential, Discovery, DiscoveryError, DiscoveryEvent,
+    DiscoverySource, DiscoveryStream, FabricError, LinkState, LinkStatus, NetworkFabric,
+    NetworkParameters, PeerAdvertisement, PeerLink, PeeringAuthority, PeeringError, PeeringGrant,
+    PeeringTarget, ReflectionDirection, ReflectionError, ReflectionScope, ResourceOffer,
+    ResourceReflector,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -195,24 +195,6 @@ impl PeeringAuthority for TestPeering {
 
     async fn release(&self, provider: &ClusterId) -> Result<(), PeeringError> {
         lock(&self.calls).push(format!("release:{provider}"));
-        Ok(())
-    }
-
-    async fn challenge(&self, consumer: &ClusterId) -> Result<Challenge, PeeringError> {
-        lock(&self.calls).push(format!("challenge:{consumer}"));
-        Ok(Challenge {
-            nonce: vec![0; 16],
-            expires_at: SystemTime::now() + Duration::from_secs(60),
-        })
-    }
-
-    async fn grant(&self, request: PeeringRequest) -> Result<PeeringGrant, PeeringError> {
-        lock(&self.calls).push(format!("grant:{}", request.consumer.id));
-        Ok(self.grant_for(request.provider, request.consumer.id.as_str()))
-    }
-
-    async fn revoke(&self, consumer: &ClusterId) -> Result<(), PeeringError> {
-        lock(&self.calls).push(format!("revoke:{consumer}"));
         Ok(())
     }
 }

@@ -7,8 +7,7 @@
 //!   is the one of the highest-precedence source (Manual > DNS > mDNS, then the provider added
 //!   first). Consumers of [`Discovery::watch`] see only the effective record: when it moves from
 //!   one source to another they get `Updated(new)` followed by `Expired { source: old }`, so a
-//!   consumer that keeps one record per source (like [`liqo_core::Runtime`]) always holds exactly
-//!   the effective one.
+//!   consumer that keeps one record per source always holds exactly the effective one.
 //! - **Isolation.** A source whose `watch()` fails or whose stream ends is restarted with capped
 //!   exponential backoff; the others go on. Its records are kept until their TTL (or
 //!   [`CompositeConfig::stale_grace`] when they have none) runs out, and refreshed if the restarted
@@ -1125,55 +1124,5 @@ mod tests {
             held >= Duration::from_secs(120) && held < Duration::from_secs(121),
             "{held:?}"
         );
-    }
-
-    #[tokio::test]
-    async fn the_runtime_holds_only_the_effective_record() {
-        use liqo_core::{ClusterIdentity, Runtime, testing};
-        let (c, [mdns, dns, _]) = sources();
-        let runtime = Runtime::builder(ClusterIdentity::new("me".parse().unwrap(), "Me"))
-            .discovery(c.clone())
-            .peering(testing::TestPeering::default())
-            .fabric(testing::IdentityFabric::default())
-            .build()
-            .unwrap();
-        let handle = runtime.handle();
-        let cancel = CancellationToken::new();
-        let stop = cancel.clone();
-        let task = tokio::spawn(runtime.run(async move { stop.cancelled().await }));
-        let mut events = handle.subscribe();
-        mdns.upsert(ad("rome", "https://m:1"));
-        dns.upsert(ad("rome", "https://d:1"));
-        let deadline = Duration::from_secs(10);
-        loop {
-            let e = timeout(deadline, events.recv()).await.unwrap().unwrap();
-            // Depending on timing, the runtime first sees mDNS then DNS, or DNS at once.
-            match e {
-                liqo_core::RuntimeEvent::PeerUpdated(a)
-                | liqo_core::RuntimeEvent::PeerDiscovered(a)
-                    if a.source == DiscoverySource::Dns =>
-                {
-                    break;
-                }
-                _ => {}
-            }
-        }
-        // Wait for the Expired{mDNS} that follows the switch, then check the table.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let peers = handle.peers().await;
-        let rome = &peers[&"rome".parse::<ClusterId>().unwrap()];
-        assert_eq!(rome.advertisements.len(), 1);
-        assert_eq!(rome.effective().unwrap().peering_endpoint, "https://d:1");
-        dns.expire(&"rome".parse().unwrap());
-        mdns.expire(&"rome".parse().unwrap());
-        loop {
-            let e = timeout(deadline, events.recv()).await.unwrap().unwrap();
-            if matches!(e, liqo_core::RuntimeEvent::PeerExpired(_)) {
-                break;
-            }
-        }
-        assert!(handle.peers().await.is_empty());
-        cancel.cancel();
-        task.await.unwrap().unwrap();
     }
 }

@@ -20,7 +20,6 @@
 //! use liqo_discovery::{CompositeDiscovery, DiscoveryController};
 //!
 //! let discovery = CompositeDiscovery::builder().source(mdns).source(dns).build();
-//! // The same composite can also be given to liqo_core::Runtime (it is cheap to clone).
 //! DiscoveryController::new(client, discovery)
 //!     .run(async { let _ = tokio::signal::ctrl_c().await; })
 //!     .await?;

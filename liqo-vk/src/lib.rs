@@ -16,8 +16,8 @@
 //!   [`reflection::Reflector`]), with skip/allow annotations, bounded workers, watches and
 //!   retries with backoff; it implements [`liqo_core::ResourceReflector`].
 //!
-//! Address translation comes from the fabric through [`AddressTranslation`]
-//! ([`liqo_core::RuntimeHandle`] implements it from each peer's link).
+//! Address translation comes from the fabric through [`AddressTranslation`] (from each peer's
+//! link, which liqo-net's network controller keeps).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 

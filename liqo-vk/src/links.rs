@@ -3,13 +3,13 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use liqo_core::{AddressTranslator, Cidr, CidrMapping, ClusterId, RuntimeHandle};
+use liqo_core::{AddressTranslator, Cidr, CidrMapping, ClusterId};
 
 /// Gives the translator of one provider's addresses (pod IPs, endpoint addresses).
 ///
-/// The fabric's [`PeerLink`](liqo_core::PeerLink) is the real source
-/// ([`RuntimeHandle`] implements this trait from it); until a fabric exists, [`StaticTranslation`]
-/// holds fixed mappings, identity by default.
+/// The fabric's [`PeerLink`](liqo_core::PeerLink) is the real source (liqo-net's network
+/// controller keeps each peer's link); without a fabric, [`StaticTranslation`] holds fixed
+/// mappings, identity by default.
 #[async_trait]
 pub trait AddressTranslation: Send + Sync + 'static {
     /// The translator for `provider`.
@@ -57,21 +57,6 @@ impl AddressTranslation for StaticTranslation {
     async fn translator(&self, provider: &ClusterId) -> AddressTranslator {
         match self.mappings.get(provider) {
             Some(m) => AddressTranslator::new(provider.clone(), m.clone()),
-            None => identity_translator(provider),
-        }
-    }
-}
-
-#[async_trait]
-impl AddressTranslation for RuntimeHandle {
-    async fn translator(&self, provider: &ClusterId) -> AddressTranslator {
-        match self
-            .peers()
-            .await
-            .get(provider)
-            .and_then(|p| p.link.clone())
-        {
-            Some(link) => link.translator(),
             None => identity_translator(provider),
         }
     }

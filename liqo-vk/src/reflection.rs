@@ -2,8 +2,8 @@
 //!
 //! A [`Reflect`] implementation says what one kind of object becomes on the other side
 //! ([`Reflect::transform`]); [`Reflector`] does the rest and implements
-//! [`ResourceReflector`](liqo_core::ResourceReflector), so it plugs into
-//! `liqo_core::Runtime::reflector` and the [`ConsumerAgent`](crate::ConsumerAgent) alike:
+//! [`ResourceReflector`](liqo_core::ResourceReflector), so it plugs into the
+//! [`ConsumerAgent`](crate::ConsumerAgent) like any other reflector:
 //!
 //! - two kube-runtime stores, the source namespace and the targets this reflector made (selected
 //!   by the `liqo.io/reflector=<name>` label), fed by watches: no polling;

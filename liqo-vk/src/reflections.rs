@@ -1,6 +1,5 @@
 //! Runs every reflector for each offloaded (provider, namespace) pair, restarting failed ones
-//! with capped exponential backoff, like `liqo_core::RuntimeHandle::reflect` does for peerings
-//! the runtime made itself.
+//! with capped exponential backoff: the one restart loop of reflectors in liqo-rs.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

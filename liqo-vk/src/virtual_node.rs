@@ -157,7 +157,7 @@ async fn ensure_session(
         }
         drop_session(ctx, &id).await;
     }
-    let remote = liqo_core::runtime::client_from_kubeconfig(&id, kubeconfig)
+    let remote = liqo_core::client_from_kubeconfig(&id, kubeconfig)
         .await
         .map_err(|e| VkError::Credential {
             cluster: id.clone(),

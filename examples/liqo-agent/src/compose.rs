@@ -345,8 +345,14 @@ impl Agent {
         spawn(
             &mut tasks,
             "peering controller",
-            liqo_peering_csr::PeeringController::new(client.clone(), consumer.clone())
-                .run(cancel.clone().cancelled_owned()),
+            liqo_peering::PeeringController::new(
+                client.clone(),
+                me.clone(),
+                Arc::new(liqo_peering_csr::CsrAuthority::consumer_side(
+                    consumer.clone(),
+                )),
+            )
+            .run(cancel.clone().cancelled_owned()),
         );
 
         // What peers and liqoctl read about us.

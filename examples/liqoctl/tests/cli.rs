@@ -27,7 +27,7 @@ use liqo_core::{
 use liqo_lab::{Cluster, ClusterSpec, Lab, LabSpec};
 use liqo_peering_csr::{
     ApiEndpoint, Consumer, HttpsConnector, LocalIdentity, NetworkSource, OfferPolicy,
-    PeeringController, PeeringServer, Provider, ProviderConfig,
+    PeeringServer, Provider, ProviderConfig,
 };
 use liqo_vk::{ConsumerAgent, ConsumerConfig};
 use serde_json::{Value, json};
@@ -653,7 +653,8 @@ async fn peer_declares_intent_and_converges_with_the_agents() -> TestResult {
     ));
     let s = stop.clone();
     tokio::spawn(
-        PeeringController::new(cb.clone(), consumer).run(async move { s.cancelled().await }),
+        liqo_peering_csr::peering_controller(cb.clone(), consumer)
+            .run(async move { s.cancelled().await }),
     );
     let vk = ConsumerAgent::builder(cb.clone(), consumer_id)
         .config(ConsumerConfig {

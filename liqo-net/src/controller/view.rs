@@ -89,7 +89,7 @@ pub(super) async fn ensure_exchange(
         {
             return ensure_watch(ctx, peer, state);
         }
-        let client = liqo_core::runtime::client_from_kubeconfig(peer, &kubeconfig)
+        let client = liqo_core::client_from_kubeconfig(peer, &kubeconfig)
             .await
             .map_err(|e| NetError::Credential {
                 cluster: peer.clone(),

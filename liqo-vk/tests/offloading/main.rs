@@ -981,7 +981,7 @@ async fn the_consumer_credential_is_least_privilege() -> TestResult {
         &liqo_core::names::consumer_user(&id(CONSUMER)),
         &tenant,
     )?;
-    let remote = liqo_core::runtime::client_from_kubeconfig(&id(PROVIDER_A), &kc).await?;
+    let remote = liqo_core::client_from_kubeconfig(&id(PROVIDER_A), &kc).await?;
     let forbidden =
         |r: Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
     assert!(forbidden(

@@ -167,7 +167,7 @@ async fn host_access_is_refused_by_a_baseline_provider_and_runs_on_a_privileged_
         &liqo_core::names::consumer_user(&id(CONSUMER)),
         &liqo_core::names::tenant_namespace(&id(CONSUMER)),
     )?;
-    let as_consumer = liqo_core::runtime::client_from_kubeconfig(&id(PROVIDER_A), &kc).await?;
+    let as_consumer = liqo_core::client_from_kubeconfig(&id(PROVIDER_A), &kc).await?;
     let probe = shadow(
         "probe",
         PodSpec {
@@ -286,7 +286,7 @@ async fn a_consumer_writing_a_forbidden_shadow_pod_is_refused_naming_the_field()
         &liqo_core::names::consumer_user(&id(CONSUMER)),
         &tenant,
     )?;
-    let remote = liqo_core::runtime::client_from_kubeconfig(&id(PROVIDER_A), &kc).await?;
+    let remote = liqo_core::client_from_kubeconfig(&id(PROVIDER_A), &kc).await?;
     let api = Api::<ShadowPod>::namespaced(remote.clone(), &twin("psa-direct"));
     let mut pinned = pod_spec("busybox");
     pinned.node_name = Some("some-node".into());

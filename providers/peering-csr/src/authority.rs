@@ -1,39 +1,56 @@
-//! [`CsrAuthority`]: both roles behind the `PeeringAuthority` trait, and the one-command path.
+//! [`CsrAuthority`]: the consumer role behind the `PeeringAuthority` trait, and the one-command
+//! path.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use kube::Client;
 use liqo_core::{
-    Challenge, ClusterId, NetworkParameters, PeeringAuthority, PeeringError, PeeringGrant,
-    PeeringRequest, PeeringTarget,
+    ClusterId, Diagnosis, NetworkParameters, PeeringAuthority, PeeringError, PeeringGrant,
+    PeeringTarget,
+    crds::{ForeignCluster, foreign_cluster_condition as cond},
 };
+use liqo_peering::NetworkSource;
 
 use crate::{
     consumer::Consumer,
     identity::{IdentityOptions, LocalIdentity},
-    nonce::Purpose,
-    policy::NetworkSource,
+    names::{AWAITING_APPROVAL, PIN_MISMATCH},
     provider::{Provider, ProviderConfig},
     transport::{IN_PROCESS_ENDPOINT, InProcessConnector},
 };
 
-/// The peering authority of one cluster, consumer and provider at once.
+/// The CSR peering method as a [`PeeringAuthority`]: the consumer role's signed handshake, for
+/// the shared peering controller (`liqo_peering::PeeringController`), which stores the grants.
+///
+/// The provider role is not behind the trait (no generic caller drives it): it is the
+/// [`Provider`] behind a [`PeeringServer`](crate::PeeringServer) or the in-process connector.
 #[derive(Debug, Clone)]
 pub struct CsrAuthority {
-    provider: Arc<Provider>,
+    provider: Option<Arc<Provider>>,
     consumer: Arc<Consumer>,
 }
 
 impl CsrAuthority {
     /// Both roles of one cluster (they must share its identity).
     pub fn new(provider: Arc<Provider>, consumer: Arc<Consumer>) -> Self {
-        Self { provider, consumer }
+        Self {
+            provider: Some(provider),
+            consumer,
+        }
     }
 
-    /// The provider role (cordon, drain, the peering endpoint, the quota controller).
-    pub fn provider(&self) -> &Arc<Provider> {
-        &self.provider
+    /// The consumer role only: what the peering controller needs.
+    pub fn consumer_side(consumer: Arc<Consumer>) -> Self {
+        Self {
+            provider: None,
+            consumer,
+        }
+    }
+
+    /// The provider role, when given (cordon, drain, the peering endpoint).
+    pub fn provider(&self) -> Option<&Arc<Provider>> {
+        self.provider.as_ref()
     }
 
     /// The consumer role (stored credentials, rotation).
@@ -44,25 +61,91 @@ impl CsrAuthority {
 
 #[async_trait]
 impl PeeringAuthority for CsrAuthority {
+    /// `spec.peeringEndpoint`, which must be an `https://` URL (or the in-process endpoint).
+    fn target(&self, fc: &ForeignCluster) -> Result<PeeringTarget, Diagnosis> {
+        let Some(endpoint) = fc.spec.peering_endpoint.clone().filter(|e| !e.is_empty()) else {
+            return Err(Diagnosis {
+                condition: cond::AUTHENTICATED,
+                reason: "MissingPeeringEndpoint",
+                message: format!(
+                    "spec.role is {:?} but spec.peeringEndpoint is empty: set it to the provider's https:// peering endpoint (published in its ConfigMap liqo-system/liqo-cluster-info)",
+                    fc.spec.role
+                ),
+            });
+        };
+        Ok(PeeringTarget {
+            cluster_id: Some(fc.spec.cluster_id.clone()),
+            endpoint,
+            expected_fingerprint: fc.spec.public_key_fingerprint,
+        })
+    }
+
     async fn request(&self, target: &PeeringTarget) -> Result<PeeringGrant, PeeringError> {
-        self.consumer.request(target).await
+        self.consumer.obtain(target).await
     }
 
     async fn release(&self, provider: &ClusterId) -> Result<(), PeeringError> {
-        self.consumer.release(provider).await
+        self.consumer.release_remote_only(provider).await
     }
 
-    async fn challenge(&self, consumer: &ClusterId) -> Result<Challenge, PeeringError> {
-        self.provider.challenge(consumer, Purpose::Grant)
+    fn explain(&self, e: &PeeringError, target: &PeeringTarget) -> Option<Diagnosis> {
+        let me = self.consumer.identity().id();
+        let pin = target
+            .expected_fingerprint
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "(none)".into());
+        let mismatch = |detail: &str| Diagnosis {
+            condition: cond::AUTHENTICATED,
+            reason: "FingerprintMismatch",
+            message: format!(
+                "the provider at {} does not hold the key pinned in spec.publicKeyFingerprint ({pin}): {detail}; check that spec.peeringEndpoint is the provider's and that the pin is its current key (its ConfigMap liqo-system/liqo-cluster-info); no credential was requested",
+                target.endpoint
+            ),
+        };
+        Some(match e {
+            PeeringError::Unreachable { message, .. } if message.contains(PIN_MISMATCH) => {
+                mismatch(message)
+            }
+            PeeringError::Unauthenticated { reason, .. } if reason.contains(PIN_MISMATCH) => {
+                mismatch(reason)
+            }
+            PeeringError::Unauthenticated { reason, .. }
+                if reason.contains("answered as cluster") =>
+            {
+                Diagnosis {
+                    condition: cond::AUTHENTICATED,
+                    reason: "ClusterIdMismatch",
+                    message: format!(
+                        "{reason}; spec.peeringEndpoint serves another cluster than spec.clusterId: fix one of them"
+                    ),
+                }
+            }
+            PeeringError::Refused { reason, .. } if reason.contains(AWAITING_APPROVAL) => {
+                Diagnosis {
+                    condition: cond::AUTHENTICATED,
+                    reason: "AwaitingApproval",
+                    message: format!(
+                        "the provider requires manual approval ({reason}); ask its administrator to approve cluster {me}; retrying with backoff"
+                    ),
+                }
+            }
+            _ => return None,
+        })
     }
+}
 
-    async fn grant(&self, request: PeeringRequest) -> Result<PeeringGrant, PeeringError> {
-        self.provider.grant(request).await
-    }
-
-    async fn revoke(&self, consumer: &ClusterId) -> Result<(), PeeringError> {
-        self.provider.revoke(consumer).await
-    }
+/// The shared peering controller (`liqo_peering::PeeringController`) over this method, acting as
+/// `consumer` on the cluster of `client` (the consumer's own).
+pub fn peering_controller(
+    client: Client,
+    consumer: Arc<Consumer>,
+) -> liqo_peering::PeeringController {
+    let me = consumer.identity().id().clone();
+    liqo_peering::PeeringController::new(
+        client,
+        me,
+        Arc::new(CsrAuthority::consumer_side(consumer)),
+    )
 }
 
 fn identity_err(e: crate::identity::IdentityError) -> PeeringError {

@@ -46,12 +46,19 @@
 //! * **Peer to peer** ([`PeeringServer`], [`HttpsConnector`]): the provider serves HTTPS with a
 //!   certificate made from its identity key; a consumer that knows only the endpoint (and, from
 //!   discovery, the fingerprint) pins that key instead of trusting a CA.
-//! * **Declarative** ([`PeeringController`], on the consumer): set `spec.role` to `Provider` or
-//!   `Both` on the provider's `ForeignCluster` (with `spec.peeringEndpoint` and
-//!   `spec.publicKeyFingerprint`, e.g. from the provider's published
+//! * **Declarative** (`liqo_peering::PeeringController` over [`CsrAuthority`], on the
+//!   consumer): set `spec.role` to `Provider` or `Both` on the provider's `ForeignCluster` (with
+//!   `spec.peeringEndpoint` and `spec.publicKeyFingerprint`, e.g. from the provider's published
 //!   [`ClusterInfo`](liqo_core::ClusterInfo)) and the consumer's agent peers over HTTPS; set it to
 //!   `None` or delete the object and it releases (finalizer [`names::PEERING_FINALIZER`]).
 //!   Failures show as conditions whose reason says what to do next, with Events.
+//!
+//! ## What is this crate's and what is shared
+//! This crate is the *method*: identities, the challenge-response handshake (nonces,
+//! signatures, pinning, the peering policy), the HTTPS endpoint and connector, and credential
+//! rotation. Storing grants on the consumer, the tenant (namespace, offer, quota, RBAC),
+//! ForeignCluster conditions, the CSR-API credential issuance and the peering controller are in
+//! `liqo-peering`, shared with every other method (re-exported here).
 //!
 //! ## Least privilege
 //! In its tenant namespace the consumer may manage `remotenamespaces.liqo.io` (its requests for
@@ -103,33 +110,35 @@
 
 mod authority;
 mod consumer;
-mod controller;
-pub mod credential;
-pub mod foreign;
 pub mod https;
 mod identity;
 pub mod names;
 mod nonce;
 mod policy;
 mod provider;
-pub mod quantity;
-pub mod quota;
 pub mod rotation;
 mod transport;
 
-pub use authority::{AdminPeering, CsrAuthority, peer, unpeer};
+/// What every peering method shares, re-exported from `liqo-peering` so existing paths keep
+/// working: the peering controller (over any `PeeringAuthority`), grant storage, tenant,
+/// quota, conditions and credentials.
+pub use liqo_peering::{
+    ApiEndpoint, ClientKey, ControllerError, CredentialError, FreeResources, GrantStore,
+    NetworkSource, OfferPolicy, PeeringController, QUOTA_GUARD, QuotaController, Tenants,
+    client_from_kubeconfig, credential, foreign, free_allocatable, install_quota_guard, quantity,
+    quota, tenant_rules, twin_selector,
+};
+
+pub use authority::{AdminPeering, CsrAuthority, peer, peering_controller, unpeer};
 pub use consumer::Consumer;
-pub use controller::PeeringController;
-pub use credential::{ApiEndpoint, ClientKey, CredentialError, client_from_kubeconfig};
 pub use https::{HttpsTransport, PeeringServer, ServerError};
 pub use identity::{
     IDENTITY_NAMESPACE, IDENTITY_SECRET, IdentityError, IdentityOptions, LocalIdentity,
     verify_signature,
 };
 pub use nonce::Purpose;
-pub use policy::{FreeResources, NetworkSource, OfferPolicy, PeeringPolicy, free_allocatable};
-pub use provider::{Provider, ProviderConfig, tenant_rules, twin_selector};
-pub use quota::{ControllerError, QUOTA_GUARD, QuotaController, install_quota_guard};
+pub use policy::PeeringPolicy;
+pub use provider::{Provider, ProviderConfig};
 pub use rotation::RotationController;
 pub use transport::{
     Connector, HttpsConnector, IN_PROCESS_ENDPOINT, InProcessConnector, ProviderTransport,

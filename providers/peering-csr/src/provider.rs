@@ -3,38 +3,30 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use k8s_openapi::{
-    api::{
-        authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
-        certificates::v1::CertificateSigningRequest,
-        core::v1::{Namespace, Pod, Secret},
-        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
-    },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::api::{certificates::v1::CertificateSigningRequest, core::v1::Namespace};
 use kube::{
-    Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
+    Api, Client, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
 };
 use liqo_core::{
     Challenge, ClusterId, Credential, KeyFingerprint, PeeringError, PeeringGrant, PeeringRequest,
-    conditions::Status,
-    crds::{ResourceOffer, ResourceOfferSpec, foreign_cluster_condition as cond},
-    labels,
+    conditions::Status, crds::foreign_cluster_condition as cond, labels,
+};
+use liqo_peering::{
+    ApiEndpoint, NetworkSource, OfferPolicy, Tenants,
+    credential::{self, KubeconfigParts},
+    delete_opt,
+    foreign::{self, Side, Stage},
 };
 
 use crate::{
-    credential::{self, ApiEndpoint, KubeconfigParts},
-    foreign::{self, Side, Stage},
     identity::{LocalIdentity, verify_signature},
     names::{
         self, APPROVED_ANNOTATION, AWAITING_APPROVAL, KEY_FINGERPRINT_ANNOTATION, MANAGED_BY_VALUE,
-        PROVIDER_MANAGER, PeerLocks, SIDE_PROVIDER, TENANT_ROLE, TWIN_NAMESPACE_MANAGER, kube_err,
+        PeerLocks, kube_err,
     },
     nonce::{NonceStore, Purpose},
-    policy::{NetworkSource, OfferPolicy, PeeringPolicy},
-    quota,
+    policy::PeeringPolicy,
 };
 
 /// How a provider grants.
@@ -101,6 +93,7 @@ pub struct Provider {
     config: ProviderConfig,
     nonces: NonceStore,
     locks: PeerLocks,
+    tenants: Tenants,
 }
 
 impl std::fmt::Debug for Provider {
@@ -118,6 +111,8 @@ impl Provider {
     pub fn new(client: Client, identity: Arc<LocalIdentity>, config: ProviderConfig) -> Self {
         let nonces = NonceStore::new(config.challenge_ttl, config.max_outstanding_challenges);
         Self {
+            tenants: Tenants::new(client.clone(), identity.id().clone())
+                .with_timeout(config.api_timeout),
             client,
             identity,
             config,
@@ -134,6 +129,11 @@ impl Provider {
     /// The configuration.
     pub fn config(&self) -> &ProviderConfig {
         &self.config
+    }
+
+    /// The tenants every method shares (namespace, offer, quota, RBAC).
+    pub fn tenants(&self) -> &Tenants {
+        &self.tenants
     }
 
     /// The client on the provider's cluster.
@@ -224,13 +224,7 @@ impl Provider {
     }
 
     async fn tenant(&self, consumer: &ClusterId) -> Result<Option<Namespace>, PeeringError> {
-        let name = names::tenant_namespace(consumer)?;
-        let ns = Api::<Namespace>::all(self.client.clone())
-            .get_opt(&name)
-            .await
-            .map_err(kube_err(format!("reading namespace {name}")))?;
-        // A namespace of the consumer role only (we consume from that cluster) is not a tenant.
-        Ok(ns.filter(|ns| ns.labels().contains_key(labels::TENANT_NAMESPACE)))
+        self.tenants.find(consumer).await
     }
 
     /// Verifies `request`, applies the policy and, if accepted, makes (or renews) the consumer's
@@ -423,101 +417,19 @@ impl Provider {
     ) -> Result<PeeringGrant, PeeringError> {
         let consumer = &request.consumer.id;
         let me = self.identity.id();
-        let tenant = names::tenant_namespace(consumer)?;
-        let ssa = names::apply(PROVIDER_MANAGER);
-
-        // 1. The tenant namespace, with the consumer's key pinned on it.
-        let ns_api: Api<Namespace> = Api::all(self.client.clone());
-        let ns = serde_json::json!({
-            "apiVersion": "v1", "kind": "Namespace",
-            "metadata": {
-                "name": tenant,
-                "labels": namespace_labels(consumer, true),
-                "annotations": {KEY_FINGERPRINT_ANNOTATION: fingerprint.to_string()},
-            },
-        });
-        let ns: Namespace = ns_api
-            .patch(&tenant, &ssa, &Patch::Apply(&ns))
-            .await
-            .map_err(kube_err(format!("applying tenant namespace {tenant}")))?;
-        if ns.metadata.deletion_timestamp.is_some() {
-            return Err(PeeringError::Refused {
-                cluster: consumer.clone(),
-                reason: format!("tenant namespace {tenant} is still being deleted; retry shortly"),
-            });
-        }
-
-        // 2. The offer: kept as is when it exists (an administrator may have edited it).
-        let offers: Api<ResourceOffer> = Api::namespaced(self.client.clone(), &tenant);
-        let current = offers
-            .get_opt(me.as_str())
-            .await
-            .map_err(kube_err(format!("reading ResourceOffer {tenant}/{me}")))?;
-        let (resources, cordoned) = match &current {
-            Some(ro) => (ro.spec.resources.clone(), ro.spec.cordoned),
-            None => (self.config.offer.offer(&self.client).await?, false),
-        };
-        let mut ro_labels = names::peer_labels(consumer, SIDE_PROVIDER);
-        ro_labels.insert(labels::ORIGIN_CLUSTER_ID.to_owned(), me.to_string());
-        let ro = serde_json::json!({
-            "apiVersion": ResourceOffer::api_version(&()), "kind": ResourceOffer::kind(&()),
-            "metadata": {"name": me.as_str(), "labels": ro_labels},
-            "spec": ResourceOfferSpec {
-                provider_cluster_id: me.clone(),
-                consumer_cluster_id: consumer.clone(),
-                resources: resources.clone(),
-                cordoned,
-            },
-        });
-        let ro: ResourceOffer = offers
-            .patch(me.as_str(), &ssa, &Patch::Apply(&ro))
-            .await
-            .map_err(kube_err(format!("applying ResourceOffer {tenant}/{me}")))?;
-
-        // 3. The quota, before any access exists.
-        quota::enforce(&self.client, &ro).await?;
-
-        // 4. RBAC: only what offloading needs, only in the tenant namespace.
-        let user = names::consumer_user(consumer);
-        let role = Role {
-            metadata: ObjectMeta {
-                name: Some(TENANT_ROLE.into()),
-                namespace: Some(tenant.clone()),
-                labels: Some(names::peer_labels(consumer, SIDE_PROVIDER)),
-                ..ObjectMeta::default()
-            },
-            rules: Some(tenant_rules()),
-        };
-        Api::<Role>::namespaced(self.client.clone(), &tenant)
-            .patch(TENANT_ROLE, &ssa, &Patch::Apply(&with_type(&role)?))
-            .await
-            .map_err(kube_err(format!("applying Role {tenant}/{TENANT_ROLE}")))?;
-        let binding = RoleBinding {
-            metadata: ObjectMeta {
-                name: Some(TENANT_ROLE.into()),
-                namespace: Some(tenant.clone()),
-                labels: Some(names::peer_labels(consumer, SIDE_PROVIDER)),
-                ..ObjectMeta::default()
-            },
-            role_ref: RoleRef {
-                api_group: "rbac.authorization.k8s.io".into(),
-                kind: "Role".into(),
-                name: TENANT_ROLE.into(),
-            },
-            subjects: Some(vec![Subject {
-                api_group: Some("rbac.authorization.k8s.io".into()),
-                kind: "User".into(),
-                name: user.clone(),
-                namespace: None,
-            }]),
-        };
-        Api::<RoleBinding>::namespaced(self.client.clone(), &tenant)
-            .patch(TENANT_ROLE, &ssa, &Patch::Apply(&with_type(&binding)?))
-            .await
-            .map_err(kube_err(format!(
-                "applying RoleBinding {tenant}/{TENANT_ROLE}"
-            )))?;
-        self.wait_authorized(&user, &tenant).await?;
+        // 1-4. The tenant: namespace (the consumer's key pinned on it), offer, quota, RBAC.
+        let built = self
+            .tenants
+            .apply(
+                consumer,
+                BTreeMap::from([(
+                    KEY_FINGERPRINT_ANNOTATION.to_owned(),
+                    fingerprint.to_string(),
+                )]),
+                &self.config.offer,
+            )
+            .await?;
+        let (tenant, user) = (&built.namespace, &built.user);
 
         // 5. The credential: a certificate for the consumer's key, the kubeconfig without a key.
         let cert = credential::issue(
@@ -531,111 +443,36 @@ impl Provider {
         let kubeconfig = credential::render_kubeconfig(&KubeconfigParts {
             provider: me,
             endpoint: &self.config.api_endpoint,
-            user: &user,
-            namespace: &tenant,
+            user,
+            namespace: tenant,
             cert_pem: &cert.cert_pem,
             key_pem: None,
         })?;
         let network = self.config.network.parameters().await?;
 
         // 6. Say so on the consumer's ForeignCluster.
-        let fc = foreign::ensure(
-            &self.client,
-            consumer,
-            Some(&request.consumer.name),
-            Side::Provider,
-        )
-        .await?;
-        foreign::set_stages(
-            &self.client,
-            consumer,
-            Side::Provider,
-            &[
-                Stage {
-                    type_: cond::CONSUMER_AUTHENTICATED,
-                    status: Status::True,
-                    reason: "KeyVerified",
-                    message: format!("signed our challenge with key {fingerprint}"),
-                },
-                Stage {
-                    type_: cond::TENANT_READY,
-                    status: Status::True,
-                    reason: "CredentialIssued",
-                    message: format!(
-                        "tenant namespace {tenant}; user {user}; offer cpu={} memory={} pods={}",
-                        resources.cpu.0, resources.memory.0, resources.pods
-                    ),
-                },
-            ],
-            // The consumer's network, for the network controller (`status.network`).
-            Some(&foreign::ConsumerFields {
-                remote_namespace: None,
-                network: Some(request.network.clone()),
-            }),
-        )
-        .await?;
-        foreign::event(
-            &self.client,
-            &fc,
-            false,
-            "CredentialIssued",
-            format!("issued a credential for user {user} in {tenant}"),
-        )
-        .await;
-        tracing::info!(%consumer, %tenant, "granted");
+        self.tenants
+            .ready(
+                consumer,
+                Some(&request.consumer.name),
+                &built,
+                (
+                    "KeyVerified",
+                    format!("signed our challenge with key {fingerprint}"),
+                ),
+                &request.network,
+            )
+            .await?;
         Ok(PeeringGrant {
             provider: self.identity.identity(),
             credential: Credential {
                 kubeconfig,
-                tenant_namespace: tenant,
+                tenant_namespace: built.namespace.clone(),
                 expires_at: Some(cert.not_after),
             },
-            offer: resources,
+            offer: built.offer,
             network,
         })
-    }
-
-    /// Waits until the API server's authorizer lets `user` use its tenant namespace, so the
-    /// credential works the moment the grant is returned (RBAC reaches the authorizer through an
-    /// informer, a few milliseconds after the write).
-    async fn wait_authorized(&self, user: &str, namespace: &str) -> Result<(), PeeringError> {
-        let reviews: Api<SubjectAccessReview> = Api::all(self.client.clone());
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: Some(user.to_owned()),
-                resource_attributes: Some(ResourceAttributes {
-                    namespace: Some(namespace.to_owned()),
-                    group: Some(liqo_core::crds::GROUP.to_owned()),
-                    resource: Some("remotenamespaces".to_owned()),
-                    verb: Some("create".to_owned()),
-                    ..ResourceAttributes::default()
-                }),
-                ..SubjectAccessReviewSpec::default()
-            },
-            ..SubjectAccessReview::default()
-        };
-        let deadline = tokio::time::Instant::now() + self.config.api_timeout;
-        let mut delay = Duration::from_millis(5);
-        loop {
-            let answer = reviews
-                .create(&PostParams::default(), &review)
-                .await
-                .map_err(kube_err(format!("reviewing the access of {user}")))?;
-            if answer.status.is_some_and(|s| s.allowed) {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() + delay > deadline {
-                return Err(PeeringError::Other(
-                    format!(
-                        "the RoleBinding for {user} in {namespace} did not take effect within {:?}",
-                        self.config.api_timeout
-                    )
-                    .into(),
-                ));
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
-        }
     }
 
     /// Handles a consumer's own request to end its peering (signed like a grant request, with a
@@ -655,125 +492,49 @@ impl Provider {
     }
 
     async fn revoke_locked(&self, consumer: &ClusterId) -> Result<(), PeeringError> {
-        let tenant = names::tenant_namespace(consumer)?;
+        let fc = foreign::find(&self.client, consumer).await?;
         let mut errors: Vec<String> = vec![];
         let mut note = |r: Result<(), PeeringError>| {
             if let Err(e) = r {
                 errors.push(e.to_string());
             }
         };
-        let fc = foreign::find(&self.client, consumer).await?;
-        note(
-            delete_opt(
-                Api::<RoleBinding>::namespaced(self.client.clone(), &tenant),
-                TENANT_ROLE,
-            )
-            .await,
-        );
-        note(
-            delete_opt(
-                Api::<Role>::namespaced(self.client.clone(), &tenant),
-                TENANT_ROLE,
-            )
-            .await,
-        );
-        let mut gone: Vec<Namespace> = vec![];
-        match self.twin_namespaces(consumer).await {
-            Ok(twins) => {
-                for ns in twins {
-                    note(
-                        delete_opt(Api::<Namespace>::all(self.client.clone()), &ns.name_any())
-                            .await,
-                    );
-                    gone.push(ns);
-                }
-            }
-            Err(e) => note(Err(e)),
-        }
+        // The handshake's own first (the shared revoke may delete the ForeignCluster): the
+        // approval and pinned key, certificate requests still pending.
         note(self.delete_csrs(consumer).await);
-        note(quota::release_offer(&self.client, &tenant, self.identity.id()).await);
-        // The namespace is shared with the consumer role when this cluster also consumes from
-        // that peer: then only the provider's objects go.
-        let consumes_too = Api::<Secret>::namespaced(self.client.clone(), &tenant)
-            .get_opt(&names::kubeconfig_secret(consumer))
-            .await
-            .map_err(kube_err(format!("reading Secrets in {tenant}")))?
-            .is_some();
-        let ns_api: Api<Namespace> = Api::all(self.client.clone());
-        if consumes_too {
-            note(quota::remove_namespace_quota(&self.client, &tenant).await);
-            // Applying nothing as the provider drops the labels and annotation only it owns.
-            let empty = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": tenant}});
+        if let Some(fc) = &fc
+            && (fc.annotations().contains_key(APPROVED_ANNOTATION)
+                || fc.annotations().contains_key(KEY_FINGERPRINT_ANNOTATION))
+        {
+            let patch = serde_json::json!({"metadata": {"annotations": {APPROVED_ANNOTATION: null, KEY_FINGERPRINT_ANNOTATION: null}}});
             note(
-                ns_api
+                Api::<liqo_core::crds::ForeignCluster>::all(self.client.clone())
                     .patch(
-                        &tenant,
-                        &names::apply(PROVIDER_MANAGER),
-                        &Patch::Apply(&empty),
+                        &fc.name_any(),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
                     )
                     .await
                     .map(drop)
-                    .map_err(kube_err(format!("releasing namespace {tenant}"))),
+                    .or_else(|e| {
+                        if names::is_not_found(&e) {
+                            Ok(())
+                        } else {
+                            Err(kube_err(format!(
+                                "forgetting the approval on ForeignCluster {}",
+                                fc.name_any()
+                            ))(e))
+                        }
+                    }),
             );
-        } else if let Some(ns) = ns_api
-            .get_opt(&tenant)
-            .await
-            .map_err(kube_err(format!("reading namespace {tenant}")))?
-        {
-            note(delete_opt(ns_api.clone(), &tenant).await);
-            gone.push(ns);
         }
-        if let Some(fc) = &fc {
-            foreign::event(
-                &self.client,
-                fc,
-                false,
-                "ConsumerRevoked",
-                format!("revoked the credential and removed the tenant of {consumer}"),
-            )
-            .await;
-            if fc.annotations().contains_key(APPROVED_ANNOTATION)
-                || fc.annotations().contains_key(KEY_FINGERPRINT_ANNOTATION)
-            {
-                let patch = serde_json::json!({"metadata": {"annotations": {APPROVED_ANNOTATION: null, KEY_FINGERPRINT_ANNOTATION: null}}});
-                note(
-                    Api::<liqo_core::crds::ForeignCluster>::all(self.client.clone())
-                        .patch(
-                            &fc.name_any(),
-                            &PatchParams::default(),
-                            &Patch::Merge(&patch),
-                        )
-                        .await
-                        .map(drop)
-                        .map_err(kube_err(format!(
-                            "forgetting the approval on ForeignCluster {}",
-                            fc.name_any()
-                        ))),
-                );
-            }
-        }
-        note(foreign::clear(&self.client, consumer, Side::Provider).await);
-        for ns in gone {
-            note(wait_deleted(&ns_api, &ns, self.config.api_timeout).await);
-        }
+        // Then the tenant, RBAC first (shared by every method).
+        note(self.tenants.revoke(consumer).await);
         if errors.is_empty() {
-            tracing::info!(%consumer, "revoked");
             Ok(())
         } else {
-            Err(PeeringError::Other(
-                format!("revoking {consumer}: {}", errors.join("; ")).into(),
-            ))
+            Err(PeeringError::Other(errors.join("; ").into()))
         }
-    }
-
-    async fn twin_namespaces(&self, consumer: &ClusterId) -> Result<Vec<Namespace>, PeeringError> {
-        Ok(Api::<Namespace>::all(self.client.clone())
-            .list(&ListParams::default().labels(&twin_selector(consumer)))
-            .await
-            .map_err(kube_err(format!(
-                "listing the twin namespaces of {consumer}"
-            )))?
-            .items)
     }
 
     async fn delete_csrs(&self, consumer: &ClusterId) -> Result<(), PeeringError> {
@@ -797,152 +558,12 @@ impl Provider {
     /// Cordons (`true`) or uncordons `consumer`: a cordoned consumer can create no new pods here
     /// (its quotas allow zero pods); running pods stay.
     pub async fn cordon(&self, consumer: &ClusterId, cordoned: bool) -> Result<(), PeeringError> {
-        let tenant = names::tenant_namespace(consumer)?;
-        let me = self.identity.id();
-        let offers: Api<ResourceOffer> = Api::namespaced(self.client.clone(), &tenant);
-        let patch = serde_json::json!({"spec": {"cordoned": cordoned}});
-        let ro = offers
-            .patch(me.as_str(), &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|e| {
-                if names::is_not_found(&e) {
-                    PeeringError::NotPeered(consumer.clone())
-                } else {
-                    kube_err(format!("cordoning {consumer}"))(e)
-                }
-            })?;
-        quota::enforce(&self.client, &ro).await
+        self.tenants.cordon(consumer, cordoned).await
     }
 
     /// Deletes every pod of `consumer` on this cluster (in its twin namespaces) and returns how
     /// many. Combine with [`cordon`](Self::cordon) so the consumer cannot start them again.
     pub async fn drain(&self, consumer: &ClusterId) -> Result<usize, PeeringError> {
-        let mut count = 0;
-        for ns in self.twin_namespaces(consumer).await? {
-            let pods: Api<Pod> = Api::namespaced(self.client.clone(), &ns.name_any());
-            let list = pods
-                .list(&ListParams::default())
-                .await
-                .map_err(kube_err(format!("listing pods in {}", ns.name_any())))?;
-            for pod in list.items {
-                delete_opt(pods.clone(), &pod.name_any()).await?;
-                count += 1;
-            }
-        }
-        Ok(count)
-    }
-}
-
-/// The rules of the consumer's Role in its tenant namespace: request twin namespaces, read its
-/// offer, and publish its view of the network link (`networkconfigs`, and their `status`: the
-/// network view exchange of liqo-net). Nothing else (no delete of network configs, nothing in
-/// any other namespace); pods and the rest are granted per twin namespace by liqo-vk.
-pub fn tenant_rules() -> Vec<PolicyRule> {
-    let group = liqo_core::crds::GROUP.to_owned();
-    vec![
-        PolicyRule {
-            api_groups: Some(vec![group.clone()]),
-            resources: Some(vec!["remotenamespaces".into()]),
-            verbs: [
-                "create", "get", "list", "watch", "update", "patch", "delete",
-            ]
-            .map(String::from)
-            .to_vec(),
-            ..PolicyRule::default()
-        },
-        PolicyRule {
-            api_groups: Some(vec![group.clone()]),
-            resources: Some(vec!["resourceoffers".into()]),
-            verbs: ["get", "list", "watch"].map(String::from).to_vec(),
-            ..PolicyRule::default()
-        },
-        PolicyRule {
-            api_groups: Some(vec![group.clone()]),
-            resources: Some(vec!["networkconfigs".into()]),
-            verbs: ["get", "list", "watch", "create", "patch", "update"]
-                .map(String::from)
-                .to_vec(),
-            ..PolicyRule::default()
-        },
-        PolicyRule {
-            api_groups: Some(vec![group]),
-            resources: Some(vec!["networkconfigs/status".into()]),
-            verbs: ["get", "patch", "update"].map(String::from).to_vec(),
-            ..PolicyRule::default()
-        },
-    ]
-}
-
-/// Labels of a tenant namespace. `provider` adds `liqo.io/tenant-namespace`, which marks the
-/// provider role; both roles agree on the others, so they co-own them.
-pub(crate) fn namespace_labels(peer: &ClusterId, provider: bool) -> BTreeMap<String, String> {
-    let mut l = BTreeMap::from([
-        (labels::MANAGED_BY.to_owned(), MANAGED_BY_VALUE.to_owned()),
-        (labels::REMOTE_CLUSTER_ID.to_owned(), peer.to_string()),
-    ]);
-    if provider {
-        l.insert(labels::TENANT_NAMESPACE.to_owned(), peer.to_string());
-    }
-    l
-}
-
-/// The label selector of `consumer`'s twin namespaces (made by liqo-vk).
-pub fn twin_selector(consumer: &ClusterId) -> String {
-    format!(
-        "{}={consumer},{}={TWIN_NAMESPACE_MANAGER}",
-        labels::REMOTE_CLUSTER_ID,
-        labels::MANAGED_BY
-    )
-}
-
-fn with_type<K: Resource<DynamicType = ()> + serde::Serialize>(
-    obj: &K,
-) -> Result<serde_json::Value, PeeringError> {
-    let mut v = serde_json::to_value(obj).map_err(|e| PeeringError::Other(Box::new(e)))?;
-    v["apiVersion"] = K::api_version(&()).into();
-    v["kind"] = K::kind(&()).into();
-    Ok(v)
-}
-
-pub(crate) async fn delete_opt<K>(api: Api<K>, name: &str) -> Result<(), PeeringError>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    match api.delete(name, &DeleteParams::background()).await {
-        Ok(_) => Ok(()),
-        Err(e) if names::is_not_found(&e) => Ok(()),
-        Err(e) => Err(kube_err(format!(
-            "deleting {} {name}",
-            std::any::type_name::<K>()
-                .rsplit("::")
-                .next()
-                .unwrap_or("object")
-        ))(e)),
-    }
-}
-
-pub(crate) async fn wait_deleted<K>(
-    api: &Api<K>,
-    obj: &K,
-    timeout: Duration,
-) -> Result<(), PeeringError>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let name = obj.name_any();
-    let uid = obj.uid().unwrap_or_default();
-    match tokio::time::timeout(
-        timeout,
-        await_condition(api.clone(), &name, conditions::is_deleted(&uid)),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(PeeringError::Other(
-            format!("watching the deletion of {name}: {e}").into(),
-        )),
-        Err(_) => Err(PeeringError::Other(
-            format!("{name} still exists {timeout:?} after its deletion").into(),
-        )),
+        self.tenants.drain(consumer).await
     }
 }

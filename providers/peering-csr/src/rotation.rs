@@ -22,11 +22,15 @@ use kube::{
 };
 use liqo_core::{ClusterId, PeeringError, labels};
 
-use crate::{
-    consumer::{Consumer, target_of},
+use liqo_peering::{
+    Backoff, ControllerError,
     credential::{certificate_validity, kubeconfig_certificate},
+    target_of,
+};
+
+use crate::{
+    consumer::Consumer,
     names::{KUBECONFIG_KEY, MANAGED_BY_VALUE, PEERING_SIDE, SIDE_CONSUMER},
-    quota::{Backoff, ControllerError},
 };
 
 /// When a certificate valid from `not_before` to `not_after` is due for renewal: after `fraction`

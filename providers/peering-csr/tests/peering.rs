@@ -1345,64 +1345,6 @@ async fn rotation_renews_in_place_without_breaking_clients() -> TestResult {
     Ok(())
 }
 
-/// The runtime of liqo-core drives this authority: peer links the fabric with the provider's
-/// network (taken from its fabric), and a fabric failure rolls the grant back on both sides.
-#[tokio::test]
-async fn the_runtime_peers_and_rolls_back_through_this_authority() -> TestResult {
-    use liqo_core::{
-        Runtime,
-        testing::{IdentityFabric, StaticDiscovery},
-    };
-    let lab = lab().await;
-    let (a, c) = (cluster(lab, "lab-a"), cluster(lab, "lab-c"));
-    let fabric = IdentityFabric::default();
-    let mut cfg = provider_config(c, small_offer());
-    cfg.network = liqo_peering_csr::NetworkSource::Fabric(Arc::new(fabric.clone()));
-    let p = provider(c, "rt-prov", cfg).await?;
-    let cons = consumer(a, "rt-cons", Arc::new(InProcessConnector::new([p.clone()]))).await?;
-    let authority = liqo_peering_csr::CsrAuthority::new(p.clone(), cons.clone());
-    let runtime = Runtime::builder(cons.identity().identity())
-        .discovery(StaticDiscovery::new(vec![]))
-        .peering(authority)
-        .fabric(fabric.clone())
-        .build()?;
-    let handle = runtime.handle();
-
-    let link = handle.peer(in_process_target(&p)).await?;
-    assert_eq!(link.cluster.as_str(), "rt-prov");
-    assert_eq!(fabric.linked(), vec![id("rt-prov")]);
-    assert!(
-        Api::<Secret>::namespaced(a.client()?, "liqo-tenant-rt-prov")
-            .get_opt("liqo-kubeconfig-rt-prov")
-            .await?
-            .is_some()
-    );
-    handle.unpeer(&id("rt-prov")).await?;
-    assert!(
-        objects_of_peering(&a.client()?, &["rt-prov"])
-            .await?
-            .is_empty()
-    );
-
-    fabric.fail_connects("no tunnel today");
-    let err = handle
-        .peer(in_process_target(&p))
-        .await
-        .expect_err("the fabric fails");
-    assert!(err.to_string().contains("no tunnel today"), "{err}");
-    let left = objects_of_peering(&a.client()?, &["rt-prov"]).await?;
-    assert!(
-        left.is_empty(),
-        "the rollback left on the consumer: {left:#?}"
-    );
-    let left = objects_of_peering(&c.client()?, &["rt-cons"]).await?;
-    assert!(
-        left.is_empty(),
-        "the rollback left on the provider: {left:#?}"
-    );
-    Ok(())
-}
-
 /// An offer as a share of what is free: half of the workers' allocatable minus requests.
 #[tokio::test]
 async fn share_of_free_allocatable_offer() -> TestResult {

@@ -50,8 +50,7 @@ use kube::{
 use liqo_core::{ReflectionDirection, ReflectionScope, ResourceReflector};
 use liqo_vk::reflection::{Reflect, Reflector, TransformError, clean_metadata};
 
-/// Every reflector of this crate, ready for `ConsumerAgent::builder(..).reflectors(..)` or
-/// `liqo_core::Runtime::builder(..).reflector(..)`.
+/// Every reflector of this crate, ready for `liqo_vk::ConsumerAgent::builder(..).reflectors(..)`.
 pub fn all() -> Vec<Arc<dyn ResourceReflector>> {
     vec![
         Arc::new(Reflector::new(ConfigMaps)),

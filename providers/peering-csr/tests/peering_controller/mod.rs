@@ -17,9 +17,7 @@ use liqo_core::{
     crds::{ForeignCluster, VirtualNode, foreign_cluster_condition as cond},
     info,
 };
-use liqo_peering_csr::{
-    HttpsConnector, LocalIdentity, PeeringController, PeeringPolicy, PeeringServer, names,
-};
+use liqo_peering_csr::{HttpsConnector, LocalIdentity, PeeringPolicy, PeeringServer, names};
 use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
@@ -139,7 +137,7 @@ async fn peering_controller_follows_spec_role() -> TestResult {
     let c = consumer(a, "ctl-cons", Arc::new(HttpsConnector::default())).await?;
     let first = CancellationToken::new();
     let ctl = tokio::spawn(
-        PeeringController::new(admin_a.clone(), c.clone())
+        liqo_peering_csr::peering_controller(admin_a.clone(), c.clone())
             .with_selector(format!("{LABEL}=ctl-follow"))
             .run(first.clone().cancelled_owned()),
     );
@@ -182,7 +180,7 @@ async fn peering_controller_follows_spec_role() -> TestResult {
     ctl.await??;
     let second = CancellationToken::new();
     let ctl = tokio::spawn(
-        PeeringController::new(admin_a.clone(), c.clone())
+        liqo_peering_csr::peering_controller(admin_a.clone(), c.clone())
             .with_selector(format!("{LABEL}=ctl-follow"))
             .run(second.clone().cancelled_owned()),
     );
@@ -269,7 +267,7 @@ async fn peering_controller_reports_what_to_fix() -> TestResult {
         .await?;
     let cons = consumer(a, "ctlfp-cons", Arc::new(HttpsConnector::default())).await?;
     let ctl = tokio::spawn(
-        PeeringController::new(admin_a.clone(), cons)
+        liqo_peering_csr::peering_controller(admin_a.clone(), cons)
             .with_selector(format!("{LABEL}=ctl-fix"))
             .run(stop.clone().cancelled_owned()),
     );

@@ -62,8 +62,8 @@ use crate::{
         self, LIMIT_RANGE_NAME, MANAGED_BY_VALUE, PEERING_SIDE, PROVIDER_MANAGER, QUOTA_NAME,
         SIDE_PROVIDER, TWIN_NAMESPACE_MANAGER, kube_err,
     },
-    provider::{delete_opt, twin_selector},
     quantity::Milli,
+    tenant::{delete_opt, twin_selector},
 };
 
 /// The quota keys an offer sets, with the offer's value for each.
@@ -228,7 +228,7 @@ async fn apply_namespace_quota(
 }
 
 /// Deletes the quota and LimitRange of one namespace.
-pub(crate) async fn remove_namespace_quota(client: &Client, ns: &str) -> Result<(), PeeringError> {
+pub async fn remove_namespace_quota(client: &Client, ns: &str) -> Result<(), PeeringError> {
     delete_opt(
         Api::<ResourceQuota>::namespaced(client.clone(), ns),
         QUOTA_NAME,
@@ -243,7 +243,7 @@ pub(crate) async fn remove_namespace_quota(client: &Client, ns: &str) -> Result<
 
 /// Deletes the provider-side offer `provider` in `tenant`, clearing its finalizer (the caller did
 /// the cleanup the finalizer stands for).
-pub(crate) async fn release_offer(
+pub async fn release_offer(
     client: &Client,
     tenant: &str,
     provider: &ClusterId,
@@ -324,17 +324,20 @@ pub async fn install_quota_guard(client: &Client) -> Result<(), PeeringError> {
 
 /// Capped exponential backoff per key, for controllers' error policies.
 #[derive(Debug, Default)]
-pub(crate) struct Backoff(Mutex<HashMap<String, u32>>);
+pub struct Backoff(Mutex<HashMap<String, u32>>);
 
 impl Backoff {
-    pub(crate) fn failed(&self, key: String) -> Duration {
+    /// `key` failed once more: how long to wait before its next attempt (250 ms doubling, at
+    /// most 2 min).
+    pub fn failed(&self, key: String) -> Duration {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = m.entry(key).or_insert(0);
         *n = (*n + 1).min(10);
         (Duration::from_millis(250) * 2u32.pow(*n - 1)).min(Duration::from_secs(120))
     }
 
-    pub(crate) fn succeeded(&self, key: &str) {
+    /// `key` succeeded: its next failure starts over.
+    pub fn succeeded(&self, key: &str) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
 }
@@ -363,7 +366,7 @@ struct Ctx {
 /// reconciles are retried with capped exponential backoff (250 ms to 2 min).
 ///
 /// The finalizer means that deleting a tenant namespace by hand waits for this controller to
-/// clean up; [`Provider::revoke`](crate::Provider::revoke) does the cleanup itself and clears the
+/// clean up; [`Tenants::revoke`](crate::Tenants::revoke) does the cleanup itself and clears the
 /// finalizer, so revoking works whether or not the controller runs.
 #[derive(Clone)]
 pub struct QuotaController {

@@ -1,5 +1,7 @@
-//! Consumer credentials: client certificates issued through the Kubernetes CSR API, wrapped in a
-//! kubeconfig, and read back (expiry) on the consumer.
+//! Consumer credentials: client certificates for the consumer's user (`liqo-consumer-<id>`, the
+//! user the tenant Role and liqo-vk's offloading role are bound to) issued through the provider's
+//! Kubernetes CSR API, wrapped in a kubeconfig, and read back (expiry) on the consumer. Every
+//! method that hands out such a certificate uses these, whoever made the key.
 
 use std::{
     collections::BTreeMap,
@@ -261,9 +263,12 @@ pub fn check_csr(csr_pem: &str, user: &str) -> Result<(), CredentialError> {
 }
 
 /// A client certificate issued for a consumer's key.
-pub(crate) struct IssuedCert {
-    pub(crate) cert_pem: String,
-    pub(crate) not_after: SystemTime,
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    /// The certificate (PEM).
+    pub cert_pem: String,
+    /// When it expires.
+    pub not_after: SystemTime,
 }
 
 /// Issues a client certificate for the consumer's `csr_pem` (checked with [`check_csr`])
@@ -271,7 +276,7 @@ pub(crate) struct IssuedCert {
 /// the consumer), waits for the signer, and deletes the request again so nothing lingers.
 ///
 /// The provider never sees the private key: the consumer made it and keeps it.
-pub(crate) async fn issue(
+pub async fn issue(
     client: &Client,
     consumer: &ClusterId,
     csr_pem: &str,
@@ -401,19 +406,25 @@ async fn approve_and_wait(
 }
 
 /// What a kubeconfig needs.
-pub(crate) struct KubeconfigParts<'a> {
-    pub(crate) provider: &'a ClusterId,
-    pub(crate) endpoint: &'a ApiEndpoint,
-    pub(crate) user: &'a str,
-    pub(crate) namespace: &'a str,
-    pub(crate) cert_pem: &'a str,
+#[derive(Debug, Clone, Copy)]
+pub struct KubeconfigParts<'a> {
+    /// The provider (names the cluster and context).
+    pub provider: &'a ClusterId,
+    /// Its API server.
+    pub endpoint: &'a ApiEndpoint,
+    /// The user the certificate is for.
+    pub user: &'a str,
+    /// The context's default namespace (the tenant's).
+    pub namespace: &'a str,
+    /// The client certificate (PEM).
+    pub cert_pem: &'a str,
     /// The private key (PEM), when the renderer holds it; the provider does not, and the
     /// consumer adds its own with [`complete_kubeconfig`].
-    pub(crate) key_pem: Option<&'a str>,
+    pub key_pem: Option<&'a str>,
 }
 
 /// Renders a kubeconfig whose only context points at the tenant namespace.
-pub(crate) fn render_kubeconfig(p: &KubeconfigParts<'_>) -> Result<String, PeeringError> {
+pub fn render_kubeconfig(p: &KubeconfigParts<'_>) -> Result<String, PeeringError> {
     let context = format!("{}@{}", p.user, p.provider);
     let mut user = serde_json::json!({"client-certificate-data": B64.encode(p.cert_pem)});
     if let Some(key) = p.key_pem {
@@ -587,7 +598,7 @@ pub async fn client_from_kubeconfig(
 }
 
 /// Labels for a kubeconfig Secret.
-pub(crate) fn secret_labels(provider: &ClusterId) -> BTreeMap<String, String> {
+pub fn secret_labels(provider: &ClusterId) -> BTreeMap<String, String> {
     names::peer_labels(provider, names::SIDE_CONSUMER)
 }
 

@@ -35,8 +35,10 @@ pub const PROVIDER_CONDITIONS: [&str; 2] = [cond::CONSUMER_AUTHENTICATED, cond::
 
 /// Which role a write is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
+pub enum Side {
+    /// This cluster consumes from the peer.
     Consumer,
+    /// This cluster provides to the peer.
     Provider,
 }
 
@@ -57,18 +59,25 @@ impl Side {
 }
 
 /// One condition to set.
-pub(crate) struct Stage<'a> {
-    pub(crate) type_: &'static str,
-    pub(crate) status: Status,
-    pub(crate) reason: &'a str,
-    pub(crate) message: String,
+#[derive(Debug)]
+pub struct Stage<'a> {
+    /// The condition type (one of this side's).
+    pub type_: &'static str,
+    /// Its status.
+    pub status: Status,
+    /// CamelCase reason.
+    pub reason: &'a str,
+    /// What happened and what to do next.
+    pub message: String,
 }
 
 /// Extra status fields a role records (the provider role records only `network`).
-#[derive(Default)]
-pub(crate) struct ConsumerFields {
-    pub(crate) remote_namespace: Option<String>,
-    pub(crate) network: Option<NetworkParameters>,
+#[derive(Debug, Default)]
+pub struct ConsumerFields {
+    /// The tenant namespace on the provider (`status.tenantNamespaces.remote`).
+    pub remote_namespace: Option<String>,
+    /// The peer's network parameters (`status.network`).
+    pub network: Option<NetworkParameters>,
 }
 
 /// The role a peer has given which stages hold: it provides once we accepted its offer, it
@@ -86,7 +95,7 @@ fn role_of(conds: &[Condition]) -> PeeringRole {
 }
 
 /// Finds the `ForeignCluster` of `peer` (by `spec.clusterId`).
-pub(crate) async fn find(
+pub async fn find(
     client: &Client,
     peer: &ClusterId,
 ) -> Result<Option<ForeignCluster>, PeeringError> {
@@ -108,7 +117,7 @@ pub(crate) async fn find(
 
 /// The `ForeignCluster` of `peer`, created (named after the id, labelled as ours, source
 /// `Manual`) when discovery has not made one.
-pub(crate) async fn ensure(
+pub async fn ensure(
     client: &Client,
     peer: &ClusterId,
     peer_name: Option<&str>,
@@ -164,7 +173,7 @@ pub(crate) async fn ensure(
 
 /// Sets `stages` (and, for the consumer, its extra fields) on `peer`'s `ForeignCluster` if it
 /// exists, with optimistic concurrency (retried on conflict). Returns the updated object.
-pub(crate) async fn set_stages(
+pub async fn set_stages(
     client: &Client,
     peer: &ClusterId,
     side: Side,
@@ -187,11 +196,7 @@ pub(crate) async fn set_stages(
 
 /// Removes this side's conditions from `peer`'s `ForeignCluster`, and deletes the object when we
 /// made it and no role remains.
-pub(crate) async fn clear(
-    client: &Client,
-    peer: &ClusterId,
-    side: Side,
-) -> Result<(), PeeringError> {
+pub async fn clear(client: &Client, peer: &ClusterId, side: Side) -> Result<(), PeeringError> {
     let own = side.own();
     let Some(fc) = write(
         client,
@@ -316,7 +321,7 @@ async fn write(
 
 /// Publishes a Kubernetes Event on `fc` (best effort: an Event that cannot be written is logged,
 /// never an error of the peering).
-pub(crate) async fn event(
+pub async fn event(
     client: &Client,
     fc: &ForeignCluster,
     warning: bool,

@@ -19,7 +19,7 @@ use kube::{
     },
 };
 use liqo_core::{
-    PeeringError, PeeringTarget,
+    ClusterId, Diagnosis, PeeringAuthority, PeeringError,
     conditions::{self, Status},
     crds::{ForeignCluster, PeeringRole, foreign_cluster_condition as cond},
 };
@@ -27,15 +27,17 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    consumer::Consumer,
     foreign::{self, CONSUMER_CONDITIONS, Side, Stage},
-    names::{AWAITING_APPROVAL, PEERING_FINALIZER, PIN_MISMATCH, is_not_found, kube_err},
+    names::{PEERING_FINALIZER, is_not_found, kube_err},
     quota::{Backoff, ControllerError},
+    store::GrantStore,
 };
 
 struct Ctx {
     client: Client,
-    consumer: Arc<Consumer>,
+    me: ClusterId,
+    authority: Arc<dyn PeeringAuthority>,
+    store: GrantStore,
     backoff: Backoff,
     /// Per object: the spec (see [`spec_or_deletion`]) that failed and when to try it again.
     retry_at: Mutex<HashMap<String, (u64, Instant)>>,
@@ -63,9 +65,10 @@ impl Ctx {
 /// Peers with (and releases) providers as their `ForeignCluster`s' `spec.role` says.
 ///
 /// An administrator (or `liqoctl peer`) declares on the consumer's cluster what it wants from a
-/// peer by setting `ForeignCluster.spec.role` (with `spec.peeringEndpoint` and
-/// `spec.publicKeyFingerprint`); the consumer's agent runs this controller, which makes the state
-/// so:
+/// peer by setting `ForeignCluster.spec.role` (with what the peering method needs to find the
+/// provider, see [`PeeringAuthority::target`], e.g. `spec.peeringEndpoint` and
+/// `spec.publicKeyFingerprint`); the consumer's agent runs this controller, over any peering
+/// method, which makes the state so:
 ///
 /// | `spec.role` | consumer-side peering | action |
 /// |---|---|---|
@@ -74,18 +77,21 @@ impl Ctx {
 /// | `None`, `Consumer`, or the object is being deleted | exists | signed release on the provider, then local removal |
 ///
 /// The grant is detected from what the consumer stored (kubeconfig Secret, `ResourceOffer`,
-/// `VirtualNode` in `liqo-tenant-<provider>`), so a restarted controller does not peer again.
+/// `VirtualNode` in `liqo-tenant-<provider>`, [`GrantStore::held`]), so a restarted controller
+/// does not peer again.
 /// While a peering exists or is being made, the `ForeignCluster` carries the finalizer
 /// [`PEERING_FINALIZER`](crate::names::PEERING_FINALIZER): deleting it releases first. A release
-/// the provider cannot confirm (unreachable) keeps everything here and is retried, so no tenant is
-/// left behind on the provider.
+/// the provider cannot confirm (unreachable, refused) keeps everything here and is retried, so no
+/// tenant is left behind on the provider.
 ///
 /// **Failures** become a condition on the `ForeignCluster` whose reason says what to do next, and
 /// a Warning Event; the attempt is retried with capped exponential backoff (250 ms to 2 min per
-/// object). Reasons: `MissingPeeringEndpoint`, `EndpointUnreachable`, `FingerprintMismatch`,
-/// `ClusterIdMismatch`, `AuthenticationFailed`, `RefusedByPolicy`, `AwaitingApproval` (type
-/// `Authenticated`), `StoringGrantFailed`, `PeeringFailed` (type `OfferAccepted`), and
-/// `ReleasePending` (type `OfferAccepted`, still `True`: the peering is still held).
+/// object). Reasons: those of the method ([`PeeringAuthority::target`] and
+/// [`PeeringAuthority::explain`], e.g. `MissingPeeringEndpoint`, `FingerprintMismatch`,
+/// `AwaitingApproval`), else by error kind: `EndpointUnreachable`, `AuthenticationFailed`,
+/// `RefusedByPolicy`, `InvalidGrant` (type `Authenticated`), `StoringGrantFailed`,
+/// `PeeringFailed` (type `OfferAccepted`), and `ReleasePending` (type `OfferAccepted`, still
+/// `True`: the peering is still held).
 ///
 /// After a failure, the next attempt waits for its backoff even though the status written about
 /// the failure (or any other status change) wakes the controller: only a change of the spec or
@@ -96,7 +102,8 @@ impl Ctx {
 #[derive(Clone)]
 pub struct PeeringController {
     client: Client,
-    consumer: Arc<Consumer>,
+    me: ClusterId,
+    authority: Arc<dyn PeeringAuthority>,
     selector: Option<String>,
     concurrency: u16,
 }
@@ -104,7 +111,7 @@ pub struct PeeringController {
 impl std::fmt::Debug for PeeringController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeeringController")
-            .field("consumer", &self.consumer)
+            .field("me", &self.me)
             .field("selector", &self.selector)
             .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
@@ -112,12 +119,14 @@ impl std::fmt::Debug for PeeringController {
 }
 
 impl PeeringController {
-    /// A controller acting as `consumer` on the cluster of `client` (the consumer's own cluster),
-    /// reconciling every `ForeignCluster`, at most 4 at once.
-    pub fn new(client: Client, consumer: Arc<Consumer>) -> Self {
+    /// A controller for consumer `me` on the cluster of `client` (the consumer's own cluster),
+    /// obtaining access through `authority` (any peering method), reconciling every
+    /// `ForeignCluster`, at most 4 at once.
+    pub fn new(client: Client, me: ClusterId, authority: Arc<dyn PeeringAuthority>) -> Self {
         Self {
             client,
-            consumer,
+            me,
+            authority,
             selector: None,
             concurrency: 4,
         }
@@ -150,8 +159,10 @@ impl PeeringController {
             "listing ForeignClusters (is the foreignclusters.liqo.io CRD installed?)",
         ))?;
         let ctx = Arc::new(Ctx {
+            store: GrantStore::new(self.client.clone(), self.me.clone()),
             client: self.client,
-            consumer: self.consumer,
+            me: self.me,
+            authority: self.authority,
             backoff: Backoff::default(),
             retry_at: Mutex::default(),
         });
@@ -194,7 +205,7 @@ fn wants_provider(role: PeeringRole) -> bool {
 async fn reconcile(fc: Arc<ForeignCluster>, ctx: Arc<Ctx>) -> Result<Action, ControllerError> {
     let name = fc.name_any();
     let provider = fc.spec.cluster_id.clone();
-    if &provider == ctx.consumer.identity().id() {
+    if provider == ctx.me {
         tracing::warn!(foreigncluster = %name, "a ForeignCluster names this cluster itself; ignored");
         return Ok(Action::await_change());
     }
@@ -203,7 +214,7 @@ async fn reconcile(fc: Arc<ForeignCluster>, ctx: Arc<Ctx>) -> Result<Action, Con
         return Ok(Action::requeue(wait));
     }
     let deleting = fc.metadata.deletion_timestamp.is_some();
-    let held = ctx.consumer.held(&provider).await?;
+    let held = ctx.store.held(&provider).await?;
 
     if !deleting && wants_provider(fc.spec.role) {
         let conds = fc
@@ -212,44 +223,47 @@ async fn reconcile(fc: Arc<ForeignCluster>, ctx: Arc<Ctx>) -> Result<Action, Con
             .map(|s| s.conditions.as_slice())
             .unwrap_or_default();
         if held.usable(fc.spec.public_key_fingerprint, SystemTime::now())
-            && conditions::is_true(conds, cond::OFFER_ACCEPTED)
+            && (conditions::is_true(conds, cond::OFFER_ACCEPTED)
+                || offer_accepted_now(&ctx.client, &name).await?)
         {
             add_finalizer(&ctx.client, &fc).await?;
             ctx.succeeded(&name);
             return Ok(Action::await_change());
         }
-        let Some(endpoint) = fc.spec.peering_endpoint.clone() else {
-            let message = format!(
-                "spec.role is {:?} but spec.peeringEndpoint is empty: set it to the provider's https:// peering endpoint (published in its ConfigMap liqo-system/liqo-cluster-info)",
-                fc.spec.role
-            );
-            report(
-                &ctx,
-                &fc,
-                cond::AUTHENTICATED,
-                "MissingPeeringEndpoint",
-                message.clone(),
-            )
-            .await;
-            // Fixing the spec triggers the next attempt at once; until then, backoff.
-            return Err(PeeringError::Other(message.into()).into());
+        let target = match ctx.authority.target(&fc) {
+            Ok(t) => t,
+            Err(d) => {
+                let message = d.message.clone();
+                report(&ctx, &fc, d).await;
+                // Fixing the spec triggers the next attempt at once; until then, backoff.
+                return Err(PeeringError::Other(message.into()).into());
+            }
         };
         add_finalizer(&ctx.client, &fc).await?;
-        let target = PeeringTarget {
-            cluster_id: Some(provider.clone()),
-            endpoint,
-            expected_fingerprint: fc.spec.public_key_fingerprint,
+        let outcome = match ctx.authority.request(&target).await {
+            Ok(grant) if grant.provider.id != provider => Err(PeeringError::Unauthenticated {
+                cluster: grant.provider.id.clone(),
+                reason: format!(
+                    "the grant from {} is from cluster {}, not {provider} (spec.clusterId)",
+                    target.endpoint, grant.provider.id
+                ),
+            }),
+            Ok(grant) => ctx.store.store(&target, &grant).await,
+            Err(e) => Err(e),
         };
-        return match ctx.consumer.request(&target).await {
-            Ok(_) => {
+        return match outcome {
+            Ok(()) => {
                 ctx.succeeded(&name);
                 Ok(Action::await_change())
             }
             Err(e) => {
-                let (type_, reason, message) = classify(&e, &target, &ctx);
-                report(&ctx, &fc, type_, reason, message).await;
+                let d = ctx
+                    .authority
+                    .explain(&e, &target)
+                    .unwrap_or_else(|| classify(&e, &ctx.me));
+                report(&ctx, &fc, d).await;
                 // No peering came of it: the finalizer is not needed.
-                if let Ok(after) = ctx.consumer.held(&provider).await
+                if let Ok(after) = ctx.store.held(&provider).await
                     && !after.any()
                 {
                     remove_finalizer(&ctx.client, &name).await?;
@@ -260,7 +274,7 @@ async fn reconcile(fc: Arc<ForeignCluster>, ctx: Arc<Ctx>) -> Result<Action, Con
     }
 
     if held.any() {
-        if let Err(e) = ctx.consumer.release_confirmed(&provider).await {
+        if let Err(e) = release(&ctx, &provider, held.secret.is_some()).await {
             let why = if deleting {
                 "the ForeignCluster is being deleted".to_owned()
             } else {
@@ -269,11 +283,13 @@ async fn reconcile(fc: Arc<ForeignCluster>, ctx: Arc<Ctx>) -> Result<Action, Con
             report(
                 &ctx,
                 &fc,
-                cond::OFFER_ACCEPTED,
-                "ReleasePending",
-                format!(
-                    "{why}, but the release did not complete: {e}; the peering is kept and the release retried with backoff"
-                ),
+                Diagnosis {
+                    condition: cond::OFFER_ACCEPTED,
+                    reason: "ReleasePending",
+                    message: format!(
+                        "{why}, but the release did not complete: {e}; the peering is kept and the release retried with backoff"
+                    ),
+                },
             )
             .await;
             return Err(e.into());
@@ -291,6 +307,37 @@ async fn reconcile(fc: Arc<ForeignCluster>, ctx: Arc<Ctx>) -> Result<Action, Con
     Ok(Action::await_change())
 }
 
+/// Whether `OfferAccepted` is `True` on the API server's copy of ForeignCluster `name`: the
+/// cached copy a reconcile starts from may predate the status our own last store wrote, and a
+/// usable grant must not be requested again for that.
+async fn offer_accepted_now(client: &Client, name: &str) -> Result<bool, PeeringError> {
+    let fc = Api::<ForeignCluster>::all(client.clone())
+        .get_opt(name)
+        .await
+        .map_err(kube_err(format!("reading ForeignCluster {name}")))?;
+    Ok(fc
+        .and_then(|fc| fc.status)
+        .is_some_and(|s| conditions::is_true(&s.conditions, cond::OFFER_ACCEPTED)))
+}
+
+/// Gives `provider` back: on the provider first (when a credential is stored, the method knows
+/// where to go), and locally only once the provider confirmed it or no longer knows us, so a
+/// provider that cannot be reached keeps everything here for the next attempt.
+async fn release(ctx: &Ctx, provider: &ClusterId, credential: bool) -> Result<(), PeeringError> {
+    if credential {
+        match ctx.authority.release(provider).await {
+            Ok(()) | Err(PeeringError::NotPeered(_)) => {}
+            Err(e @ (PeeringError::Unreachable { .. } | PeeringError::Refused { .. })) => {
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(%provider, error = %e, "the provider no longer recognises this peering; removing it here only");
+            }
+        }
+    }
+    ctx.store.remove(provider).await
+}
+
 fn error_policy(fc: Arc<ForeignCluster>, error: &ControllerError, ctx: Arc<Ctx>) -> Action {
     let name = fc.name_any();
     let delay = ctx.backoff.failed(name.clone());
@@ -305,53 +352,15 @@ fn error_policy(fc: Arc<ForeignCluster>, error: &ControllerError, ctx: Arc<Ctx>)
     Action::requeue(delay)
 }
 
-/// The condition type, reason and next step for a failed request.
-fn classify(
-    e: &PeeringError,
-    target: &PeeringTarget,
-    ctx: &Ctx,
-) -> (&'static str, &'static str, String) {
-    let me = ctx.consumer.identity().id();
-    let pin = target
-        .expected_fingerprint
-        .map(|f| f.to_string())
-        .unwrap_or_else(|| "(none)".into());
-    let mismatch = |detail: &str| {
-        (
-            cond::AUTHENTICATED,
-            "FingerprintMismatch",
-            format!(
-                "the provider at {} does not hold the key pinned in spec.publicKeyFingerprint ({pin}): {detail}; check that spec.peeringEndpoint is the provider's and that the pin is its current key (its ConfigMap liqo-system/liqo-cluster-info); no credential was requested",
-                target.endpoint
-            ),
-        )
-    };
-    match e {
-        PeeringError::Unreachable { message, .. } if message.contains(PIN_MISMATCH) => {
-            mismatch(message)
-        }
-        PeeringError::Unauthenticated { reason, .. } if reason.contains(PIN_MISMATCH) => {
-            mismatch(reason)
-        }
-        PeeringError::Unauthenticated { reason, .. } if reason.contains("answered as cluster") => (
-            cond::AUTHENTICATED,
-            "ClusterIdMismatch",
-            format!(
-                "{reason}; spec.peeringEndpoint serves another cluster than spec.clusterId: fix one of them"
-            ),
-        ),
+/// The condition, reason and next step for a failed request, by error kind (when the method has
+/// nothing more specific to say).
+fn classify(e: &PeeringError, me: &ClusterId) -> Diagnosis {
+    let (condition, reason, message) = match e {
         PeeringError::Unauthenticated { reason, .. } => (
             cond::AUTHENTICATED,
             "AuthenticationFailed",
             format!(
                 "the provider rejected this cluster's identity proof: {reason}; if cluster {me} was reinstalled with a new key, the provider's administrator must revoke its old peering; retrying with backoff"
-            ),
-        ),
-        PeeringError::Refused { reason, .. } if reason.contains(AWAITING_APPROVAL) => (
-            cond::AUTHENTICATED,
-            "AwaitingApproval",
-            format!(
-                "the provider requires manual approval ({reason}); ask its administrator to approve cluster {me}; retrying with backoff"
             ),
         ),
         PeeringError::Refused { reason, .. } => (
@@ -368,6 +377,11 @@ fn classify(
                 "cannot reach the peering endpoint {endpoint}: {message}; check spec.peeringEndpoint and that the provider's agent serves it; retrying with backoff"
             ),
         ),
+        PeeringError::Invalid { .. } => (
+            cond::AUTHENTICATED,
+            "InvalidGrant",
+            format!("{e}; fix it and the next attempt follows; retrying with backoff"),
+        ),
         PeeringError::Kube { .. } => (
             cond::OFFER_ACCEPTED,
             "StoringGrantFailed",
@@ -378,18 +392,22 @@ fn classify(
             "PeeringFailed",
             format!("{other}; retrying with backoff"),
         ),
+    };
+    Diagnosis {
+        condition,
+        reason,
+        message,
     }
 }
 
 /// Writes a `False` condition (or, for `ReleasePending`, keeps `True`: the peering is still held)
 /// and a Warning Event. Best effort: the reconcile's own error is what drives the retry.
-async fn report(
-    ctx: &Ctx,
-    fc: &ForeignCluster,
-    type_: &'static str,
-    reason: &'static str,
-    message: String,
-) {
+async fn report(ctx: &Ctx, fc: &ForeignCluster, d: Diagnosis) {
+    let Diagnosis {
+        condition: type_,
+        reason,
+        message,
+    } = d;
     let status = if reason == "ReleasePending" {
         Status::True
     } else {
