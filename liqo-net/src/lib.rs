@@ -1,21 +1,19 @@
 //! # liqo-net
 //!
-//! What every network fabric backend of liqo-rs shares, so a WireGuard provider is only the
-//! code that makes an interface exist:
+//! What every network fabric of liqo-rs shares, so a fabric provider is only its data plane
+//! (the WireGuard one is `liqo-fabric-wireguard`, the no-tunnel one `liqo-fabric-routed`):
 //!
+//! - [`controller`]: the [`NetworkController`] that drives any
+//!   [`NetworkFabric`](liqo_core::NetworkFabric) from the `ForeignCluster`s, exchanges each
+//!   side's view of the other's networks (the protocol is described there), and reports links
+//!   as the `NetworkReady` condition and `Tunnel` objects;
 //! - [`ipam`]: overlap detection and CIDR remapping from configurable pools, stable across
 //!   restarts through an [`store::AllocationStore`] (`NetworkConfig` objects, a file, memory);
 //! - [`nat`]: the double NAT as one nftables table, replaced atomically;
 //! - [`routes`]: links, routes and policy rules through rtnetlink;
-//! - [`gateway`]: one WireGuard interface, a peer per remote cluster, converged by `apply`;
 //! - [`checker`]: link status from handshakes, the `NetworkReady` condition;
-//! - [`WireGuardFabric`]: the [`NetworkFabric`](liqo_core::NetworkFabric) over all of them,
-//!   generic over a [`WireGuardBackend`];
 //! - [`netns`]: running a fabric inside a named network namespace from any runtime
-//!   ([`Netns`], [`NetnsFabric`]);
-//! - [`controller`]: the [`NetworkController`] that connects peers from their `ForeignCluster`,
-//!   exchanges each side's view of the other's networks (the protocol is described there),
-//!   and reports links as the `NetworkReady` condition and `Tunnel` objects.
+//!   ([`Netns`], [`NetnsFabric`]).
 //!
 //! ## How two clusters with the same pod CIDR talk
 //!
@@ -32,21 +30,14 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-pub mod backend;
 pub mod checker;
 pub mod controller;
-mod fabric;
-pub mod gateway;
 pub mod ipam;
 pub mod nat;
 pub mod netns;
 pub mod routes;
 pub mod store;
 
-pub use backend::{WireGuardBackend, generate_private_key, parse_private_key, public_key_of};
 pub use controller::{Links, NetError, NetworkController};
-pub use fabric::{FabricConfig, WireGuardFabric, resolve_endpoint};
-pub use gateway::{Gateway, GatewayConfig, GatewayPeer};
 pub use ipam::{Allocation, Ipam, IpamConfig};
 pub use netns::{Netns, NetnsError, NetnsFabric, host_client};
-pub use wireguard_control;

@@ -10,10 +10,8 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 use liqo_core::{FabricError, NetworkFabric, NetworkParameters};
-use liqo_net::{
-    FabricConfig, GatewayConfig, IpamConfig, Netns, NetnsFabric, WireGuardFabric,
-    store::NetworkConfigStore,
-};
+use liqo_fabric_wireguard::{FabricConfig, GatewayConfig, WireGuardFabric};
+use liqo_net::{IpamConfig, Netns, NetnsFabric, store::NetworkConfigStore};
 
 use crate::config::{Backend, FabricKind, Validated};
 
@@ -24,7 +22,9 @@ const KEY_SECRET: &str = "liqo-wireguard-key";
 const KEY_FIELD: &str = "privateKey";
 
 /// The gateway's private key, made and stored on first start.
-async fn private_key(client: &Client) -> Result<liqo_net::wireguard_control::Key, FabricError> {
+async fn private_key(
+    client: &Client,
+) -> Result<liqo_fabric_wireguard::wireguard_control::Key, FabricError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     let err = |action: &str, e: kube::Error| FabricError::Backend {
         backend: "agent".into(),
@@ -46,9 +46,9 @@ async fn private_key(client: &Client) -> Result<liqo_net::wireguard_control::Key
                         "Secret {NAMESPACE}/{KEY_SECRET} has no {KEY_FIELD}"
                     ))
                 })?;
-            return liqo_net::parse_private_key(&value);
+            return liqo_fabric_wireguard::parse_private_key(&value);
         }
-        let key = liqo_net::generate_private_key();
+        let key = liqo_fabric_wireguard::generate_private_key();
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(KEY_SECRET.into()),

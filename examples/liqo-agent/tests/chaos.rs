@@ -85,8 +85,7 @@ const CONSUMER: &str = "ch-a";
 const PROVIDER: &str = "ch-b";
 const POD_CIDR: &str = "10.244.0.0/16";
 const OFFLOADED_NS: &str = "ch-offload";
-const RUST_LOG: &str =
-    "info,liqo_vk=debug,liqo_net=debug,liqo_wireguard_userspace=debug,kube_runtime=warn";
+const RUST_LOG: &str = "info,liqo_vk=debug,liqo_net=debug,liqo_fabric_wireguard=debug,liqo_wireguard_userspace=debug,kube_runtime=warn";
 
 async fn lab() -> &'static Lab {
     liqo_lab::shared(|| {

@@ -9,7 +9,8 @@
 
 use async_trait::async_trait;
 use liqo_core::FabricError;
-use liqo_net::{WireGuardBackend, routes::Netlink};
+use liqo_fabric_wireguard::WireGuardBackend;
+use liqo_net::routes::Netlink;
 
 /// The kernel WireGuard backend.
 #[derive(Debug, Clone, Copy, Default)]
@@ -24,12 +25,12 @@ impl WireGuardBackend for Kernel {
         NAME
     }
 
-    fn control(&self) -> liqo_net::wireguard_control::Backend {
-        liqo_net::wireguard_control::Backend::Kernel
+    fn control(&self) -> liqo_fabric_wireguard::wireguard_control::Backend {
+        liqo_fabric_wireguard::wireguard_control::Backend::Kernel
     }
 
     async fn create(&self, iface: &str) -> Result<(), FabricError> {
-        liqo_net::backend::check_interface_name(iface)?;
+        liqo_fabric_wireguard::backend::check_interface_name(iface)?;
         let nl = Netlink::connect()?;
         if nl.link_index(iface).await?.is_some() {
             return Ok(());

@@ -2,7 +2,7 @@
 //! root, as CI runs). Where the module is missing, creating the interface must fail with an
 //! error that says so; where it is present, the interface must come and go.
 
-use liqo_net::WireGuardBackend;
+use liqo_fabric_wireguard::WireGuardBackend;
 use liqo_wireguard_kernel::Kernel;
 use nix::sched::{CloneFlags, unshare};
 

@@ -207,7 +207,9 @@ fn hand(implementation: &str, policy: bool) -> Path {
     let mut t = Topology::new();
     let a = t.add_cluster_in("a", 1, 1);
     let b = t.add_cluster_in("b", 1, 2);
-    let keys: Vec<_> = (0..2).map(|_| liqo_net::generate_private_key()).collect();
+    let keys: Vec<_> = (0..2)
+        .map(|_| liqo_fabric_wireguard::generate_private_key())
+        .collect();
     let mut devices: Vec<Child> = vec![];
     for (i, peer, peer_net) in [(a, b, "10.2.0.0/16"), (b, a, "10.1.0.0/16")] {
         let (gw, iface) = (t.clusters[i].gw.clone(), t.clusters[i].iface.clone());

@@ -49,7 +49,7 @@ use std::{
 
 use async_trait::async_trait;
 use liqo_core::FabricError;
-use liqo_net::WireGuardBackend;
+use liqo_fabric_wireguard::WireGuardBackend;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -520,12 +520,12 @@ impl WireGuardBackend for Userspace {
         self.implementation.name()
     }
 
-    fn control(&self) -> liqo_net::wireguard_control::Backend {
-        liqo_net::wireguard_control::Backend::Userspace
+    fn control(&self) -> liqo_fabric_wireguard::wireguard_control::Backend {
+        liqo_fabric_wireguard::wireguard_control::Backend::Userspace
     }
 
     async fn create(&self, iface: &str) -> Result<(), FabricError> {
-        liqo_net::backend::check_interface_name(iface)?;
+        liqo_fabric_wireguard::backend::check_interface_name(iface)?;
         if self.running().get(iface).is_some_and(Running::is_alive) {
             return Ok(());
         }

@@ -21,10 +21,11 @@ use liqo_core::{
     crds::{ForeignCluster, NetworkConfig, Tunnel, foreign_cluster_condition::NETWORK_READY},
     names,
 };
+use liqo_fabric_wireguard::{FabricConfig, GatewayConfig, WireGuardFabric};
 use liqo_lab::{ClusterSpec, LabSpec};
 use liqo_net::{
-    FabricConfig, GatewayConfig, IpamConfig, Links, Netns, NetnsFabric, NetworkController,
-    WireGuardFabric, controller::FINALIZER, store::MemoryStore,
+    IpamConfig, Links, Netns, NetnsFabric, NetworkController, controller::FINALIZER,
+    store::MemoryStore,
 };
 use liqo_peering_csr::{
     ApiEndpoint, IdentityOptions, LocalIdentity, NetworkSource, OfferPolicy, ProviderConfig,
@@ -62,7 +63,7 @@ async fn fabric(
             Userspace::new(implementation),
             MemoryStore::default(),
             config,
-            liqo_net::generate_private_key(),
+            liqo_fabric_wireguard::generate_private_key(),
         )
         .await
     })
@@ -112,8 +113,9 @@ fn link_of(links: &Links, peer: &ClusterId) -> liqo_core::PeerLink {
 async fn controllers_connect_peers_from_peering_state() -> TestResult {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "liqo_net=info,liqo_lab=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                "liqo_net=info,liqo_fabric_wireguard=info,liqo_lab=warn".into()
+            }),
         )
         .with_test_writer()
         .try_init();

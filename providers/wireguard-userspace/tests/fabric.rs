@@ -499,7 +499,7 @@ fn restart_keeps_allocations() {
     let store = std::env::temp_dir().join(format!("liqo-alloc-{}.json", unique()));
     let mut cfg = t.config(a, "wireguard-go");
     cfg["storeFile"] = json!(store);
-    cfg["privateKey"] = json!(liqo_net::generate_private_key().to_base64());
+    cfg["privateKey"] = json!(liqo_fabric_wireguard::generate_private_key().to_base64());
     t.start_with(a, &cfg).unwrap();
     t.start(b, "wireguard-go");
     t.start(c, "wireguard-go");

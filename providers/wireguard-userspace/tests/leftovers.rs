@@ -55,7 +55,7 @@ fn crashed_agent_starts_again_over_its_leftovers() {
     let a = t.add_cluster("rome", 1);
     let b = t.add_cluster("milan", 1);
     let mut cfg = t.config(a, "wireguard-go");
-    cfg["privateKey"] = json!(liqo_net::generate_private_key().to_base64());
+    cfg["privateKey"] = json!(liqo_fabric_wireguard::generate_private_key().to_base64());
     t.start_with(a, &cfg).unwrap();
     t.start(b, "wireguard-go");
     let (la, _) = t.link(a, b);

@@ -14,11 +14,9 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 use liqo_core::{NetworkFabric, NetworkParameters, crds::NetworkConfig};
+use liqo_fabric_wireguard::{FabricConfig, GatewayConfig, WireGuardFabric};
 use liqo_lab::{ClusterSpec, LabSpec};
-use liqo_net::{
-    FabricConfig, GatewayConfig, IpamConfig, Netns, NetnsFabric, WireGuardFabric,
-    store::NetworkConfigStore,
-};
+use liqo_net::{IpamConfig, Netns, NetnsFabric, store::NetworkConfigStore};
 use liqo_wireguard_userspace::{Implementation, Userspace};
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
@@ -67,7 +65,7 @@ async fn network_config_store_works_from_the_gateway_namespace() -> TestResult {
             Userspace::new(Implementation::wireguard_go()),
             store,
             config,
-            liqo_net::generate_private_key(),
+            liqo_fabric_wireguard::generate_private_key(),
         )
         .await
     })
@@ -76,7 +74,9 @@ async fn network_config_store_works_from_the_gateway_namespace() -> TestResult {
     // A peer with the same pod CIDR: the remapped allocation is saved from the namespace.
     let mut peer = NetworkParameters::new("10.244.0.0/16".parse()?, "10.96.0.0/12".parse()?);
     peer.gateway_endpoint = Some("172.31.0.9:51820".into());
-    peer.wireguard_public_key = Some(liqo_net::public_key_of(&liqo_net::generate_private_key()));
+    peer.wireguard_public_key = Some(liqo_fabric_wireguard::public_key_of(
+        &liqo_fabric_wireguard::generate_private_key(),
+    ));
     let link = fabric.connect(&"milan".parse()?, &peer).await?;
     let nc = Api::<NetworkConfig>::namespaced(admin.clone(), NAMESPACE)
         .get("milan")

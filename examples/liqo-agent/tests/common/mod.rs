@@ -3,6 +3,7 @@
 //! a kubeconfig for the agent's ServiceAccount, and finds the API server's refusals in an agent's
 //! log (the agents log a refusal and retry, so a flow can end well while a step was refused).
 
+pub mod dataplane;
 pub mod scenario;
 pub mod workload;
 

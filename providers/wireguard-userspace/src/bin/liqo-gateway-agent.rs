@@ -20,8 +20,9 @@ use std::{
 };
 
 use liqo_core::{CidrMapping, ClusterId, NetworkFabric, NetworkParameters};
+use liqo_fabric_wireguard::{FabricConfig, GatewayConfig, WireGuardBackend, WireGuardFabric};
 use liqo_net::{
-    FabricConfig, GatewayConfig, IpamConfig, WireGuardBackend, WireGuardFabric,
+    IpamConfig,
     store::{FileStore, MemoryStore},
 };
 use liqo_wireguard_userspace::{Implementation, Userspace};
@@ -148,8 +149,8 @@ async fn gateway(config: &str) -> Result<(), String> {
     let c: Config = serde_json::from_str(config).map_err(|e| format!("bad config: {e}"))?;
     let implementation = Implementation::from_name(&c.implementation).map_err(|e| e.to_string())?;
     let key = match &c.private_key {
-        Some(k) => liqo_net::parse_private_key(k).map_err(|e| e.to_string())?,
-        None => liqo_net::generate_private_key(),
+        Some(k) => liqo_fabric_wireguard::parse_private_key(k).map_err(|e| e.to_string())?,
+        None => liqo_fabric_wireguard::generate_private_key(),
     };
     let ipam = match &c.pools {
         Some(p) => IpamConfig::parse(p, &c.reserved),

@@ -8,16 +8,18 @@ use liqo_core::{
     CidrMapping, ClusterId, FabricError, LinkStatus, NetworkFabric, NetworkParameters, PeerLink,
     TunnelInfo,
 };
+use liqo_net::{
+    checker::{LinkChecker, LinkSource},
+    ipam::{Allocation, Ipam, IpamConfig},
+    store::AllocationStore,
+};
 use tokio::{sync::Mutex, task::JoinHandle};
 use tracing::{info, warn};
 use wireguard_control::Key;
 
 use crate::{
     backend::WireGuardBackend,
-    checker::{LinkChecker, LinkSource},
     gateway::{Gateway, GatewayConfig, GatewayPeer},
-    ipam::{Allocation, Ipam, IpamConfig},
-    store::AllocationStore,
 };
 
 /// Everything a [`WireGuardFabric`] needs to know about this cluster.
@@ -47,10 +49,10 @@ struct Inner<B: WireGuardBackend> {
 /// persisted in the store), adds the peer to the gateway with those ranges as allowed-ips,
 /// routes them into the tunnel and installs the NAT; `disconnect` removes exactly that.
 ///
-/// Traffic in the tunnel uses per-peer remapped ranges (see [`crate::nat`]), so each side must
+/// Traffic in the tunnel uses per-peer remapped ranges (see [`liqo_net::nat`]), so each side must
 /// learn how the other addresses it: hand the peer's [`PeerLink::remote_mappings`] to
 /// [`set_local_mappings`](Self::set_local_mappings); the
-/// [`NetworkController`](crate::NetworkController) does so from the view the peer publishes.
+/// [`NetworkController`](liqo_net::NetworkController) does so from the view the peer publishes.
 /// Until then the fabric assumes the peer kept this cluster's CIDRs, which is right whenever
 /// they did not clash on its side.
 pub struct WireGuardFabric<B: WireGuardBackend, S: AllocationStore> {

@@ -3,7 +3,7 @@
 //!
 //! The gateway acts in the network namespace of the thread that runs it, as a real gateway
 //! runs inside its own pod's namespace. Nothing here switches namespaces: an agent living in
-//! another namespace runs the gateway through [`crate::netns::Netns`] (a dedicated thread that
+//! another namespace runs the gateway through [`liqo_net::netns::Netns`] (a dedicated thread that
 //! entered the gateway's namespace); the benchmarks start a gateway agent process inside each
 //! namespace (`ip netns exec`).
 //!
@@ -18,14 +18,14 @@ use std::{
 };
 
 use liqo_core::{Cidr, CidrMapping, ClusterId, FabricError, LinkState, LinkStatus, WireGuardKey};
-use tracing::{debug, info};
-use wireguard_control::{Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder, PeerInfo};
-
-use crate::{
-    backend::{WireGuardBackend, check_interface_name, public_key_of},
+use liqo_net::{
     nat::{NatPeer, NatTable},
     routes::{Netlink, RoutingConfig, enable_forwarding},
 };
+use tracing::{debug, info};
+use wireguard_control::{Device, DeviceUpdate, InterfaceName, Key, PeerConfigBuilder, PeerInfo};
+
+use crate::backend::{WireGuardBackend, check_interface_name, public_key_of};
 
 /// How a gateway is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -460,7 +460,7 @@ impl<B: WireGuardBackend> Gateway<B> {
         let latest = self
             .backend
             .handshake_time(info.stats.last_handshake_time, info.stats.rx_bytes);
-        Ok(crate::checker::link_status(
+        Ok(liqo_net::checker::link_status(
             latest,
             info.stats.rx_bytes,
             info.stats.tx_bytes,
