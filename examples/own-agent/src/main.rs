@@ -1,6 +1,6 @@
 //! A liqo-rs agent of your own: one provider per trait, composed by `liqo_runtime::Agent`.
 //! Swapping a provider is one line: `CsrAuthority` from liqo-peering-csr for the peering method,
-//! a WireGuard fabric from liqo-net for the fabric, any `Discovery` for `FixedPeers`.
+//! `WireGuardFabric` from liqo-fabric-wireguard for the fabric, any `Discovery` for `FixedPeers`.
 //!
 //! Run it with a kubeconfig for the cluster (`$KUBECONFIG`, or in-cluster), `CLUSTER_ID` set to
 //! this cluster's id, and `POD_CIDR` / `SERVICE_CIDR` set to its networks.
