@@ -1,6 +1,7 @@
 //! A liqo-rs agent of your own: one provider per trait, composed by `liqo_runtime::Agent`.
-//! Swapping a provider is one line: `CsrAuthority` from liqo-peering-csr for the peering method,
-//! `WireGuardFabric` from liqo-fabric-wireguard for the fabric, any `Discovery` for `FixedPeers`.
+//! Swapping a provider changes one line: `CsrAuthority` from liqo-peering-csr for the peering
+//! method, `WireGuardFabric` from liqo-fabric-wireguard for the fabric, any `Discovery` for
+//! `FixedPeers` (the first two take a few lines to build: see examples/liqo-agent).
 //!
 //! Run it with a kubeconfig for the cluster (`$KUBECONFIG`, or in-cluster), `CLUSTER_ID` set to
 //! this cluster's id, and `POD_CIDR` / `SERVICE_CIDR` set to its networks.
