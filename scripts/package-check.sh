@@ -48,6 +48,7 @@ log "all publishable crates packaged and built in $((SECONDS - start)) s"
 # A user's agent outside this workspace (examples/own-agent: one provider of its own, the others
 # from the SDK), built against the packages just made and nothing else of this tree: crates.io's
 # `liqo-*` are replaced by the unpacked packages, so only the published API is used.
+target=$(cargo metadata --no-deps --format-version 1 --locked | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 own=$(mktemp -d)
 trap 'rm -rf "$own"' EXIT
 cp -r examples/own-agent/. "$own/"
@@ -55,15 +56,15 @@ cp Cargo.lock "$own/Cargo.lock" # the workspace's versions of everything else, w
 {
   echo
   echo '[patch.crates-io]'
-  for dir in target/package/liqo-*/; do
+  for dir in "$target"/package/liqo-*/; do
     dir=${dir%/}
     [ -f "$dir/Cargo.toml" ] || continue
     name=$(sed -n 's/^name *= *"\(.*\)"/\1/p' "$dir/Cargo.toml" | head -n 1)
-    echo "$name = { path = \"$PWD/$dir\" }"
+    echo "$name = { path = \"$dir\" }"
   done
 } >>"$own/Cargo.toml"
 start=$SECONDS
-CARGO_TARGET_DIR="$PWD/target/own-agent" cargo build --manifest-path "$own/Cargo.toml" \
+CARGO_TARGET_DIR="$target/own-agent" cargo build --manifest-path "$own/Cargo.toml" \
   --config 'profile.dev.debug="line-tables-only"' \
   --config 'profile.dev.package."*".debug=false'
 log "examples/own-agent built from the packages alone in $((SECONDS - start)) s"
