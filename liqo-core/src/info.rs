@@ -26,7 +26,7 @@ use kube::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{ClusterId, KeyFingerprint, labels};
+use crate::{ClusterId, KeyFingerprint, NetworkParameters, labels};
 
 /// Namespace of the cluster-info ConfigMap.
 pub const NAMESPACE: &str = "liqo-system";
@@ -51,6 +51,11 @@ pub struct ClusterInfo {
     pub peering_endpoint: Option<String>,
     /// The fingerprint of its identity key.
     pub fingerprint: KeyFingerprint,
+    /// Its network as its fabric gives it to peers (pod, service and external CIDRs; with a
+    /// tunnel, the gateway's endpoint and public key): what an administrator issuing an
+    /// out-of-band peering (the kubeconfig method) needs of both clusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkParameters>,
 }
 
 /// Errors reading the published [`ClusterInfo`].
@@ -171,19 +176,26 @@ mod tests {
             cluster_name: Some("Rome".into()),
             peering_endpoint: Some("https://10.0.0.1:6443".into()),
             fingerprint: fp(),
+            network: Some(NetworkParameters::new(
+                "10.244.0.0/16".parse().unwrap(),
+                "10.96.0.0/12".parse().unwrap(),
+            )),
         };
         let json = info.encode();
         assert!(json.contains("\"clusterId\": \"rome\""), "{json}");
         assert!(json.contains("\"peeringEndpoint\""), "{json}");
         assert!(json.contains("\"clusterName\""), "{json}");
+        assert!(json.contains("\"podCidr\": \"10.244.0.0/16\""), "{json}");
         assert_eq!(ClusterInfo::decode(&json).unwrap(), info);
         let minimal = ClusterInfo {
             cluster_name: None,
             peering_endpoint: None,
+            network: None,
             ..info
         };
         let json = minimal.encode();
         assert!(!json.contains("peeringEndpoint"), "{json}");
+        assert!(!json.contains("network"), "{json}");
         assert_eq!(ClusterInfo::decode(&json).unwrap(), minimal);
     }
 

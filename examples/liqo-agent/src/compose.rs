@@ -243,6 +243,11 @@ impl Agent {
         } else {
             NetworkSource::Static(network)
         };
+        // Published in the cluster info, for administrators issuing out-of-band peerings.
+        let published_network = network_source
+            .parameters()
+            .await
+            .map_err(|e| start_err("reading the network fabric's parameters")(&e))?;
 
         // Peering: the consumer role driven by ForeignCluster.spec.role through liqo-peering's
         // controller, over the configured method; with the CSR method, the provider role
@@ -343,6 +348,7 @@ impl Agent {
             cluster_name: Some(identity.name().to_owned()),
             peering_endpoint: endpoint.clone(),
             fingerprint: identity.fingerprint(),
+            network: Some(published_network),
         };
         liqo_core::info::publish(&client, &info)
             .await

@@ -6,10 +6,13 @@
 
 mod common;
 
-use common::dataplane::{Fabric, offloaded_pod_answers};
+use common::{
+    dataplane::{Fabric, offloaded_pod_answers},
+    scenario::Method,
+};
 
 #[tokio::test]
 async fn offloaded_pod_answers_through_the_tunnel_and_the_double_nat() -> Result<(), common::Error>
 {
-    offloaded_pod_answers(Fabric::WireGuard).await
+    offloaded_pod_answers(Method::Csr, Fabric::WireGuard).await
 }

@@ -6,10 +6,13 @@
 
 mod common;
 
-use common::dataplane::{Fabric, offloaded_pod_answers};
+use common::{
+    dataplane::{Fabric, offloaded_pod_answers},
+    scenario::Method,
+};
 
 #[tokio::test]
 async fn offloaded_pod_answers_at_its_real_ip_over_routed_pod_networks() -> Result<(), common::Error>
 {
-    offloaded_pod_answers(Fabric::Routed).await
+    offloaded_pod_answers(Method::Csr, Fabric::Routed).await
 }

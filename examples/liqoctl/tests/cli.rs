@@ -521,6 +521,7 @@ async fn peer_declares_intent_and_converges_with_the_agents() -> TestResult {
         cluster_name: Some("Provider P".into()),
         peering_endpoint: Some(endpoint.clone()),
         fingerprint: identity.fingerprint(),
+        network: None,
     };
     liqo_core::info::publish(&ca, &info).await?;
     let provider_kc = a.kubeconfig_path().to_string_lossy().into_owned();

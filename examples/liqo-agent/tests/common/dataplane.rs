@@ -1,5 +1,6 @@
-//! The agent's network composition end to end, once per fabric (`network.fabric`; the test
-//! binaries `dataplane.rs` and `dataplane_routed.rs` each run one, on a lab of their own): two lab
+//! The agent's network composition end to end, once per fabric (`network.fabric`) and peering
+//! method (`peering.method`; the test binaries `dataplane.rs`, `dataplane_routed.rs` and
+//! `dataplane_kubeconfig.rs` each run one combination, on a lab of their own): two lab
 //! clusters and the lab's data plane, one `liqo-agent` per cluster, a peering, an offloaded
 //! Deployment, and an HTTP request from a pod of the consumer to the offloaded pod. Then SIGTERM:
 //! both agents exit 0 and leave nothing behind.
@@ -12,6 +13,10 @@
 //!   gateway namespace, a route to the other cluster's pod CIDR via its wan address), no tunnel:
 //!   the request reaches the pod at its real IP from the client's real IP.
 //!
+//! With [`Method::Kubeconfig`], the provider's administrator issues a peering bundle from both
+//! clusters' published networks (gateway endpoints and keys included) instead of the consumer's
+//! request over HTTPS.
+//!
 //! The agents run as the ServiceAccount of `deploy/` (its RBAC and admission guard applied, CRDs
 //! installed by the admin), and none of their requests may be refused.
 //!
@@ -19,7 +24,9 @@
 #![allow(dead_code)] // Each test binary uses what it needs.
 
 use super::{
-    Agent, Error, failure, free_port, http_get, until,
+    Agent, Error, failure, free_port, http_get,
+    scenario::{Method, peer_through_a_bundle},
+    until,
     workload::{
         apply, client_pod, field, named, network_ready, node_ready, provider_intent, running_ip,
         watch_for, web_deployment,
@@ -169,6 +176,7 @@ fn start_agent(
     cluster: &Cluster,
     kubeconfig: &Path,
     dp: &DataPlane,
+    method: Method,
     fabric: Fabric,
 ) -> Result<Agent, Error> {
     let name = cluster.name();
@@ -196,14 +204,20 @@ fn start_agent(
                  metricsAddr: 127.0.0.1:{metrics_port}\n\
                  cluster:\n  name: {name}\n  id: {name}\n  podCidr: {pod}\n  serviceCidr: {svc}\n\
                  discovery:\n  mdns: {{enabled: false}}\n  foreignClusters: true\n\
-                 peering:\n  listen: 127.0.0.1:{peering_port}\n  \
-                 endpoint: https://127.0.0.1:{peering_port}\n  policy: AcceptAll\n  \
-                 credentialLifetimeSeconds: 600\n  offer: {{cpu: '4', memory: 8Gi, pods: 20}}\n\
+                 peering:\n{peering}  offer: {{cpu: '4', memory: 8Gi, pods: 20}}\n\
                  {network}\
                  virtualKubelet:\n  consumer:\n    enabled: true\n    \
                  webhook: 127.0.0.1:{webhook_port}\n    heartbeatSeconds: 2\n  \
                  provider:\n    enabled: true\n",
             kubeconfig = kubeconfig.display(),
+            peering = match method {
+                Method::Csr => format!(
+                    "  listen: 127.0.0.1:{peering_port}\n  \
+                     endpoint: https://127.0.0.1:{peering_port}\n  policy: AcceptAll\n  \
+                     credentialLifetimeSeconds: 600\n"
+                ),
+                Method::Kubeconfig => "  method: Kubeconfig\n".to_owned(),
+            },
             pod = cluster.pod_cidr(),
             svc = cluster.service_cidr(),
         ),
@@ -217,8 +231,8 @@ fn start_agent(
     )
 }
 
-/// The scenario of the [module docs](self) over `fabric`.
-pub async fn offloaded_pod_answers(fabric: Fabric) -> TestResult {
+/// The scenario of the [module docs](self) with `method` over `fabric`.
+pub async fn offloaded_pod_answers(method: Method, fabric: Fabric) -> TestResult {
     let started = Instant::now();
     let lab = lab(fabric).await;
     let (ca, cb) = (
@@ -251,8 +265,8 @@ pub async fn offloaded_pod_answers(fabric: Fabric) -> TestResult {
         super::install_deploy(ca).await?,
         super::install_deploy(cb).await?,
     );
-    let consumer = start_agent(&leftovers.dir, ca, &sa_a, &dp, fabric)?;
-    let provider = start_agent(&leftovers.dir, cb, &sa_b, &dp, fabric)?;
+    let consumer = start_agent(&leftovers.dir, ca, &sa_a, &dp, method, fabric)?;
+    let provider = start_agent(&leftovers.dir, cb, &sa_b, &dp, method, fabric)?;
     let logs = [consumer.log.clone(), provider.log.clone()];
     let agents = [&consumer, &provider];
     for agent in agents {
@@ -275,15 +289,22 @@ pub async fn offloaded_pod_answers(fabric: Fabric) -> TestResult {
         );
     }
 
-    // `liqoctl peer`: the consumer declares the provider (endpoint and pinned key) as Provider.
-    let info = until("the provider's cluster info", &agents, WAIT, || async {
-        liqo_core::info::read(&b).await.ok().flatten()
-    })
-    .await?;
-    assert_eq!(info.cluster_id.as_str(), PROVIDER);
     let prov_id: ClusterId = PROVIDER.parse()?;
-    let fc = provider_intent(&prov_id, info)?;
-    apply(&Api::<ForeignCluster>::all(a.clone()), PROVIDER, &fc).await?;
+    match method {
+        Method::Csr => {
+            // `liqoctl peer`: the consumer declares the provider (endpoint and pinned key).
+            let info = until("the provider's cluster info", &agents, WAIT, || async {
+                liqo_core::info::read(&b).await.ok().flatten()
+            })
+            .await?;
+            assert_eq!(info.cluster_id.as_str(), PROVIDER);
+            let fc = provider_intent(&prov_id, info)?;
+            apply(&Api::<ForeignCluster>::all(a.clone()), PROVIDER, &fc).await?;
+        }
+        Method::Kubeconfig => {
+            peer_through_a_bundle(ca, cb, &CONSUMER.parse()?, &prov_id, &agents).await?
+        }
+    }
 
     // The tunnel comes up on both sides, and the virtual node on the consumer.
     watch_for(

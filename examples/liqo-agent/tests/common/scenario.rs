@@ -21,7 +21,7 @@ use kube::{
     api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use liqo_core::{
-    ClusterId, ClusterIdentity, DiscoverySource, NetworkParameters, ResourceOffer,
+    ClusterId, ClusterIdentity, DiscoverySource, ResourceOffer,
     crds::{
         DiscoverySpec, ForeignCluster, ForeignClusterSpec, NamespaceOffloading,
         NamespaceOffloadingSpec, PeeringRole, PodOffloadingStrategy,
@@ -159,7 +159,9 @@ pub async fn run(lab: &Lab, consumer: &str, provider: &str, combo: Combo) -> Res
     let prov_id: ClusterId = "agent-prov".parse()?;
     match combo.method {
         Method::Csr => peer_through_the_endpoint(&a, &b, &agents).await?,
-        Method::Kubeconfig => peer_through_a_bundle(ca, cb, &prov_id).await?,
+        Method::Kubeconfig => {
+            peer_through_a_bundle(ca, cb, &"agent-cons".parse()?, &prov_id, &agents).await?
+        }
     }
 
     // The virtual node comes up Ready on the consumer.
@@ -457,32 +459,44 @@ async fn peer_through_the_endpoint(a: &Client, b: &Client, agents: &[&Agent]) ->
     Ok(())
 }
 
-/// The kubeconfig method: the provider's administrator issues a bundle for the consumer, the
-/// consumer's stores it as a Secret and declares the provider; no endpoint anywhere.
-async fn peer_through_a_bundle(
+/// The kubeconfig method: the provider's administrator issues a bundle for the consumer (with
+/// both clusters' networks as their agents publish them), the consumer's stores it as a Secret
+/// and declares the provider; no endpoint anywhere.
+pub async fn peer_through_a_bundle(
     ca: &Cluster,
     cb: &Cluster,
+    cons_id: &ClusterId,
     prov_id: &ClusterId,
+    agents: &[&Agent],
 ) -> Result<(), Error> {
     let (a, b) = (ca.client()?, cb.client()?);
-    let network = |c: &Cluster| -> Result<NetworkParameters, Error> {
-        Ok(NetworkParameters::new(
-            c.pod_cidr().to_string().parse()?,
-            c.service_cidr().to_string().parse()?,
-        ))
+    let published = |client: Client| async move {
+        until(
+            "the cluster info with its network",
+            agents,
+            WAIT,
+            || async {
+                liqo_core::info::read(&client)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|i| i.network)
+            },
+        )
+        .await
     };
-    let cons_id: ClusterId = "agent-cons".parse()?;
+    let (cons_net, prov_net) = (published(a.clone()).await?, published(b.clone()).await?);
     let options = liqo_peering_kubeconfig::IssueOptions::new(
         liqo_peering::ApiEndpoint::new(cb.api_url(), cb.ca_cert_pem()),
         liqo_peering::OfferPolicy::Absolute(ResourceOffer::new("4", "8Gi", 20)),
-        liqo_peering::NetworkSource::Static(network(cb)?),
-        network(ca)?,
+        liqo_peering::NetworkSource::Static(prov_net),
+        cons_net,
     );
     let bundle = liqo_peering_kubeconfig::issue_bundle(
         &b,
         &ClusterIdentity::new(prov_id.clone(), "Provider"),
-        &cons_id,
-        Some("agent-cons"),
+        cons_id,
+        Some(cons_id.as_str()),
         &options,
     )
     .await?;

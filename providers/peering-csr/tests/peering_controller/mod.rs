@@ -422,6 +422,7 @@ async fn cluster_info_is_published_and_read() -> TestResult {
         cluster_name: Some("Cluster C".into()),
         peering_endpoint: Some("https://127.0.0.1:7443".into()),
         fingerprint: LocalIdentity::generate(id("info-c"), "c")?.fingerprint(),
+        network: None,
     };
     info::publish(&client, &me).await?;
     assert_eq!(info::read(&client).await?, Some(me.clone()));
