@@ -19,7 +19,8 @@ pub struct Cli {
     /// The kubeconfig context to use (default: its current context).
     #[arg(long, global = true, value_name = "NAME")]
     pub context: Option<String>,
-    /// Output format of commands that print data (`discover`, `info`, `diagnose`, `version`).
+    /// Output format of commands that print data (`discover`, `info`, `diagnose`, `version`;
+    /// `bundle issue` writes the bundle as JSON with `json`, YAML otherwise).
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
     /// How long to wait for the agents to converge, e.g. `90s`, `5m`, `1h`.

@@ -301,6 +301,17 @@ async fn issue_peer_with_a_bundle_and_revoke() -> TestResult {
         Some("2".to_owned())
     );
 
+    // The consumer releases the provider (the bundle Secret stays, it is the administrator's).
+    let run = liqoctl(a, &["unpeer", prov, "--timeout", "120s"]).await;
+    println!("{run:?}");
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&format!("✓ peering with {prov} released")),
+        "{run:?}"
+    );
+    assert_eq!(fcs.get(prov).await?.spec.role, PeeringRole::None);
+
     // Revoked on the provider: no tenant namespace is left.
     let run = liqoctl(
         b,
