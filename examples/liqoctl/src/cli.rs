@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{ArgAction, ArgGroup, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use liqo_core::{
-    ClusterId,
+    Cidr, ClusterId,
     crds::{NamespaceMappingStrategy, PodOffloadingStrategy},
 };
 
@@ -19,7 +19,8 @@ pub struct Cli {
     /// The kubeconfig context to use (default: its current context).
     #[arg(long, global = true, value_name = "NAME")]
     pub context: Option<String>,
-    /// Output format of commands that print data (`discover`, `info`, `diagnose`, `version`).
+    /// Output format of commands that print data (`discover`, `info`, `diagnose`, `version`;
+    /// `bundle issue` writes the bundle as JSON with `json`, YAML otherwise).
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
     /// How long to wait for the agents to converge, e.g. `90s`, `5m`, `1h`.
@@ -76,13 +77,81 @@ pub enum Command {
     },
     /// Check a peering step by step and stop at the first failing step, saying what to do.
     Diagnose(DiagnoseArgs),
+    /// Peering bundles (the kubeconfig peering method), on the provider: issue one for a
+    /// consumer, or revoke it.
+    Bundle {
+        /// What to do.
+        #[command(subcommand)]
+        action: BundleAction,
+    },
     /// Print liqoctl's version.
     Version,
 }
 
+/// `bundle` actions.
+#[derive(Debug, Subcommand)]
+pub enum BundleAction {
+    /// Issue a peering bundle for a consumer (run with the provider's kubeconfig): makes the
+    /// consumer's tenant and a client certificate, writes the bundle (a credential).
+    Issue(Box<BundleIssueArgs>),
+    /// Revoke what `bundle issue` made for a consumer (run with the provider's kubeconfig):
+    /// its access, its tenant namespace and what is in it.
+    Revoke {
+        /// The consumer's cluster id.
+        #[arg(long, value_name = "ID")]
+        consumer: ClusterId,
+    },
+}
+
+/// `bundle issue` flags.
+#[derive(Debug, Args)]
+pub struct BundleIssueArgs {
+    /// The consumer's cluster id (its `liqoctl info`/agent configuration shows it).
+    #[arg(long, value_name = "ID")]
+    pub consumer: ClusterId,
+    /// The consumer's human-readable name, recorded on its ForeignCluster here.
+    #[arg(long, value_name = "NAME")]
+    pub consumer_name: Option<String>,
+    /// The consumer's pod CIDR.
+    #[arg(long, value_name = "CIDR")]
+    pub consumer_pod_cidr: Cidr,
+    /// The consumer's service CIDR.
+    #[arg(long, value_name = "CIDR")]
+    pub consumer_service_cidr: Cidr,
+    /// This (the provider) cluster's pod CIDR, handed to the consumer.
+    #[arg(long, value_name = "CIDR")]
+    pub pod_cidr: Cidr,
+    /// This (the provider) cluster's service CIDR, handed to the consumer.
+    #[arg(long, value_name = "CIDR")]
+    pub service_cidr: Cidr,
+    /// CPU offered, e.g. `4` or `4500m` (with `--offer-memory` and `--offer-pods`; without
+    /// them, the consumer's existing offer is kept).
+    #[arg(long, value_name = "QUANTITY", requires_all = ["offer_memory", "offer_pods"])]
+    pub offer_cpu: Option<String>,
+    /// Memory offered, e.g. `8Gi`.
+    #[arg(long, value_name = "QUANTITY", requires_all = ["offer_cpu", "offer_pods"])]
+    pub offer_memory: Option<String>,
+    /// Pods offered.
+    #[arg(long, value_name = "N", requires_all = ["offer_cpu", "offer_memory"])]
+    pub offer_pods: Option<u32>,
+    /// The API server URL the consumer uses (default: the kubeconfig's server; it must be
+    /// reachable from the consumer).
+    #[arg(long, value_name = "URL")]
+    pub api_server: Option<String>,
+    /// The CA (PEM) that verifies that API server (default: the kubeconfig's).
+    #[arg(long, value_name = "PATH")]
+    pub api_server_ca_file: Option<PathBuf>,
+    /// How long the client certificate is valid (at least 10m), e.g. `30d`, `720h`.
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
+    pub lifetime: Duration,
+    /// Write the bundle to this file (mode 0600) instead of stdout.
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    pub file: Option<PathBuf>,
+}
+
 /// `peer` flags.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("provider").required(true).args(["cluster_id", "provider_kubeconfig"])))]
+#[command(group(ArgGroup::new("provider").required(true).args(["cluster_id", "provider_kubeconfig", "bundle"])))]
 pub struct PeerArgs {
     /// A discovered cluster to peer with (its ForeignCluster must have an endpoint and a key
     /// fingerprint). Not with `--provider-kubeconfig`.
@@ -93,6 +162,11 @@ pub struct PeerArgs {
     /// The context in the provider's kubeconfig (default: its current context).
     #[arg(long, value_name = "NAME", requires = "provider_kubeconfig")]
     pub provider_context: Option<String>,
+    /// A peering bundle the provider's administrator issued for this cluster
+    /// (`liqoctl bundle issue`): stored as a Secret, the local agent (`peering.method:
+    /// Kubeconfig`) peers with it. Not with a cluster id or `--provider-kubeconfig`.
+    #[arg(long, value_name = "PATH")]
+    pub bundle: Option<PathBuf>,
     /// Whether to wait for the network: `auto` waits when a network fabric reports on the peer.
     #[arg(long, value_enum, default_value_t = NetworkWait::Auto)]
     pub network: NetworkWait,
@@ -234,8 +308,8 @@ pub fn parse_selector(s: &str) -> Result<Selector, String> {
     Ok(Selector(pairs))
 }
 
-/// Parses a duration: a number with a unit (`ms`, `s`, `m`, `h`), or several (`1m30s`); a bare
-/// number means seconds.
+/// Parses a duration: a number with a unit (`ms`, `s`, `m`, `h`, `d`), or several (`1m30s`); a
+/// bare number means seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t.is_empty() {
@@ -267,8 +341,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "" => return Err(format!("{s:?}: missing unit after {n} (ms, s, m or h)")),
-            u => return Err(format!("{s:?}: unknown unit {u:?} (ms, s, m or h)")),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
+            "" => return Err(format!("{s:?}: missing unit after {n} (ms, s, m, h or d)")),
+            u => return Err(format!("{s:?}: unknown unit {u:?} (ms, s, m, h or d)")),
         };
     }
     Ok(total)
@@ -295,6 +370,10 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
         assert!(parse_duration("5").is_ok());
         assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
         assert!(
@@ -322,6 +401,46 @@ mod tests {
     fn command_is_consistent() {
         command(false).debug_assert();
         command(true).debug_assert();
+    }
+
+    #[test]
+    fn bundle_flags() {
+        let base = [
+            "liqoctl",
+            "bundle",
+            "issue",
+            "--consumer",
+            "milan",
+            "--consumer-pod-cidr",
+            "10.1.0.0/16",
+            "--consumer-service-cidr",
+            "10.2.0.0/16",
+            "--pod-cidr",
+            "10.3.0.0/16",
+            "--service-cidr",
+            "10.4.0.0/16",
+        ];
+        let c = Cli::try_parse_from(base).unwrap();
+        let Command::Bundle {
+            action: BundleAction::Issue(a),
+        } = c.command
+        else {
+            panic!("not bundle issue")
+        };
+        assert_eq!(a.lifetime, Duration::from_secs(30 * 86_400));
+        assert!(a.offer_cpu.is_none());
+        // The offer's three flags go together.
+        let mut partial = base.to_vec();
+        partial.extend(["--offer-cpu", "2"]);
+        assert!(Cli::try_parse_from(partial).is_err());
+        // A bad CIDR is a usage error naming the value.
+        let mut bad = base.to_vec();
+        bad[6] = "10.1.0.1/16";
+        let e = Cli::try_parse_from(bad).unwrap_err().to_string();
+        assert!(e.contains("host bits"), "{e}");
+        // peer: --bundle excludes the other ways.
+        assert!(Cli::try_parse_from(["liqoctl", "peer", "--bundle", "b.yaml"]).is_ok());
+        assert!(Cli::try_parse_from(["liqoctl", "peer", "x", "--bundle", "b.yaml"]).is_err());
     }
 
     #[test]

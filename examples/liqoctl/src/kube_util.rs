@@ -47,6 +47,23 @@ pub async fn connect(
     context: Option<&str>,
     who: &'static str,
 ) -> Result<Target, CliError> {
+    let config = load_config(kubeconfig, context, who).await?;
+    let url = config.cluster_url.to_string();
+    let client = Client::try_from(config).map_err(|e| {
+        CliError::failed(
+            format!("cannot build a client for the {who} at {url}: {e}"),
+            "check the kubeconfig's certificate data",
+        )
+    })?;
+    Ok(Target { client, url, who })
+}
+
+/// The client configuration of a kubeconfig (or the default one) and a context.
+pub async fn load_config(
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+    who: &'static str,
+) -> Result<Config, CliError> {
     let opts = KubeConfigOptions {
         context: context.map(str::to_owned),
         ..KubeConfigOptions::default()
@@ -74,14 +91,7 @@ pub async fn connect(
         None => Config::infer().await.map_err(|e| bad(&e))?,
     };
     config.connect_timeout = Some(Duration::from_secs(10));
-    let url = config.cluster_url.to_string();
-    let client = Client::try_from(config).map_err(|e| {
-        CliError::failed(
-            format!("cannot build a client for the {who} at {url}: {e}"),
-            "check the kubeconfig's certificate data",
-        )
-    })?;
-    Ok(Target { client, url, who })
+    Ok(config)
 }
 
 /// Whether an error is a 404 for an object (not for a missing resource type).

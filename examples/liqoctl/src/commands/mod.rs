@@ -1,5 +1,6 @@
 //! One module per command.
 
+mod bundle;
 mod diagnose;
 mod discover;
 mod info;
@@ -12,7 +13,7 @@ use serde::Serialize;
 
 use crate::{
     CliError,
-    cli::{Cli, Command, OffloadTarget, OutputFormat, UnoffloadTarget},
+    cli::{BundleAction, Cli, Command, OffloadTarget, OutputFormat, UnoffloadTarget},
     kube_util::connect,
     output,
 };
@@ -40,6 +41,12 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Discover => discover::discover(&cli, &local).await,
         Command::Info { cluster_id } => info::info(&cli, &local, cluster_id.as_ref()).await,
         Command::Diagnose(args) => diagnose::diagnose(&cli, &local, args).await,
+        Command::Bundle {
+            action: BundleAction::Issue(args),
+        } => bundle::issue(&cli, &local, args).await,
+        Command::Bundle {
+            action: BundleAction::Revoke { consumer },
+        } => bundle::revoke(&cli, &local, consumer).await,
         Command::Version => Ok(()),
     }
 }

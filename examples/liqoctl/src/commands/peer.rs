@@ -38,7 +38,7 @@ fn fabric_on(fc: &ForeignCluster) -> bool {
             .any(|f| f == NETWORK_FINALIZER)
 }
 
-fn role_name(r: PeeringRole) -> &'static str {
+pub(super) fn role_name(r: PeeringRole) -> &'static str {
     match r {
         PeeringRole::None => "None",
         PeeringRole::Provider => "Provider",
@@ -48,7 +48,7 @@ fn role_name(r: PeeringRole) -> &'static str {
 }
 
 /// The role after adding "it provides to us".
-fn with_provider(r: PeeringRole) -> PeeringRole {
+pub(super) fn with_provider(r: PeeringRole) -> PeeringRole {
     match r {
         PeeringRole::None | PeeringRole::Provider => PeeringRole::Provider,
         PeeringRole::Consumer | PeeringRole::Both => PeeringRole::Both,
@@ -65,7 +65,7 @@ fn without_provider(r: PeeringRole) -> PeeringRole {
 
 /// The apply body: every spec field the object has now (so that liqoctl, sharing ownership of
 /// them, never removes one it set earlier by leaving it out), then `changes` on top.
-fn apply_body(
+pub(super) fn apply_body(
     id: &ClusterId,
     existing: Option<&ForeignCluster>,
     changes: serde_json::Value,
@@ -88,7 +88,7 @@ fn apply_body(
     }))
 }
 
-async fn apply_fc(
+pub(super) async fn apply_fc(
     local: &Target,
     id: &ClusterId,
     body: &serde_json::Value,
@@ -122,6 +122,9 @@ fn key_mismatch(fc: &ForeignCluster) -> Option<CliError> {
 
 /// `peer`.
 pub async fn peer(cli: &Cli, local: &Target, args: &PeerArgs) -> Result<(), CliError> {
+    if let Some(path) = &args.bundle {
+        return super::bundle::peer(cli, local, args, path).await;
+    }
     let fcs: Api<ForeignCluster> = Api::all(local.client.clone());
     let (id, endpoint, existing, changes) = match (&args.provider_kubeconfig, &args.cluster_id) {
         (Some(path), _) => {
@@ -237,6 +240,26 @@ pub async fn peer(cli: &Cli, local: &Target, args: &PeerArgs) -> Result<(), CliE
         role_name(role),
         role_name(before)
     );
+    wait_peered(
+        cli,
+        local,
+        &id,
+        args.network,
+        &format!("is the liqo agent running here, and does it reach {endpoint}? Check its logs"),
+    )
+    .await
+}
+
+/// Waits, after `peer` declared the intent, until the peering with `id` is up: authenticated,
+/// offer accepted, virtual node Ready, network (per `network`). `reach_hint` says what to check
+/// when authentication does not come. Returns at once with `--wait=false`.
+pub(super) async fn wait_peered(
+    cli: &Cli,
+    local: &Target,
+    id: &ClusterId,
+    network: NetworkWait,
+    reach_hint: &str,
+) -> Result<(), CliError> {
     if !cli.wait {
         eprintln!("not waiting (--wait=false); follow the peering with `liqoctl info {id}`");
         return Ok(());
@@ -247,18 +270,16 @@ pub async fn peer(cli: &Cli, local: &Target, args: &PeerArgs) -> Result<(), CliE
     wait_condition(
         &steps,
         local,
-        &id,
+        id,
         cond::AUTHENTICATED,
         &format!("authenticated with {id}"),
-        &format!(
-            "is the liqo agent running here, and does it reach {endpoint}? Check its logs; {diagnose}"
-        ),
+        &format!("{reach_hint}; {diagnose}"),
     )
     .await?;
     wait_condition(
         &steps,
         local,
-        &id,
+        id,
         cond::OFFER_ACCEPTED,
         &format!("offer from {id} accepted"),
         &format!(
@@ -266,7 +287,7 @@ pub async fn peer(cli: &Cli, local: &Target, args: &PeerArgs) -> Result<(), CliE
         ),
     )
     .await?;
-    let node = node_name(&id);
+    let node = node_name(id);
     steps
         .run(
             &format!("virtual node {node} Ready"),
@@ -305,10 +326,10 @@ pub async fn peer(cli: &Cli, local: &Target, args: &PeerArgs) -> Result<(), CliE
             },
         )
         .await?;
-    wait_network(&steps, local, &id, args.network, &diagnose).await?;
+    wait_network(&steps, local, id, network, &diagnose).await?;
     eprintln!(
         "peered: {id} provides resources through node {}",
-        node_name(&id)
+        node_name(id)
     );
     eprintln!("next:  offload a namespace with `liqoctl offload namespace NAME`");
     Ok(())
