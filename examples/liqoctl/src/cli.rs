@@ -112,18 +112,24 @@ pub struct BundleIssueArgs {
     /// The consumer's human-readable name, recorded on its ForeignCluster here.
     #[arg(long, value_name = "NAME")]
     pub consumer_name: Option<String>,
-    /// The consumer's pod CIDR.
-    #[arg(long, value_name = "CIDR")]
-    pub consumer_pod_cidr: Cidr,
-    /// The consumer's service CIDR.
-    #[arg(long, value_name = "CIDR")]
-    pub consumer_service_cidr: Cidr,
-    /// This (the provider) cluster's pod CIDR, handed to the consumer.
-    #[arg(long, value_name = "CIDR")]
-    pub pod_cidr: Cidr,
-    /// This (the provider) cluster's service CIDR, handed to the consumer.
-    #[arg(long, value_name = "CIDR")]
-    pub service_cidr: Cidr,
+    /// The consumer's published cluster info (JSON: `kubectl -n liqo-system get configmap
+    /// liqo-cluster-info -o jsonpath='{.data.info\.json}'` on the consumer), whose network
+    /// (CIDRs and, with a WireGuard fabric, gateway endpoint and key) the provider records.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["consumer_pod_cidr", "consumer_service_cidr"])]
+    pub consumer_info: Option<std::path::PathBuf>,
+    /// The consumer's pod CIDR, instead of `--consumer-info` (no gateway: a routed fabric).
+    #[arg(long, value_name = "CIDR", requires = "consumer_service_cidr")]
+    pub consumer_pod_cidr: Option<Cidr>,
+    /// The consumer's service CIDR, with `--consumer-pod-cidr`.
+    #[arg(long, value_name = "CIDR", requires = "consumer_pod_cidr")]
+    pub consumer_service_cidr: Option<Cidr>,
+    /// This (the provider) cluster's pod CIDR, handed to the consumer; default the network its
+    /// agent publishes (with the gateway endpoint and key).
+    #[arg(long, value_name = "CIDR", requires = "service_cidr")]
+    pub pod_cidr: Option<Cidr>,
+    /// This cluster's service CIDR, with `--pod-cidr`.
+    #[arg(long, value_name = "CIDR", requires = "pod_cidr")]
+    pub service_cidr: Option<Cidr>,
     /// CPU offered, e.g. `4` or `4500m` (with `--offer-memory` and `--offer-pods`; without
     /// them, the consumer's existing offer is kept).
     #[arg(long, value_name = "QUANTITY", requires_all = ["offer_memory", "offer_pods"])]
@@ -438,6 +444,25 @@ mod tests {
         bad[6] = "10.1.0.1/16";
         let e = Cli::try_parse_from(bad).unwrap_err().to_string();
         assert!(e.contains("host bits"), "{e}");
+        // The consumer's network: its info file or its CIDRs, not both; one CIDR needs the other.
+        let mut both = base.to_vec();
+        both.extend(["--consumer-info", "milan.json"]);
+        assert!(Cli::try_parse_from(both).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "liqoctl",
+                "bundle",
+                "issue",
+                "--consumer",
+                "milan",
+                "--consumer-info",
+                "m.json"
+            ])
+            .is_ok()
+        );
+        let mut half = base.to_vec();
+        half.truncate(11); // --pod-cidr without --service-cidr
+        assert!(Cli::try_parse_from(half).is_err());
         // peer: --bundle excludes the other ways.
         assert!(Cli::try_parse_from(["liqoctl", "peer", "--bundle", "b.yaml"]).is_ok());
         assert!(Cli::try_parse_from(["liqoctl", "peer", "x", "--bundle", "b.yaml"]).is_err());

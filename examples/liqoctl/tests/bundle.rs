@@ -94,6 +94,7 @@ async fn agent_identity(client: &Client, me: &str, name: &str) -> TestResult {
             cluster_name: Some(name.into()),
             peering_endpoint: None,
             fingerprint: identity.fingerprint(),
+            network: None,
         },
     )
     .await?;

@@ -231,6 +231,55 @@ async fn offer(
     }
 }
 
+/// The provider's network (flags, else what its agent publishes) and the consumer's (its
+/// published cluster info, else flags).
+fn networks(
+    me: &info::ClusterInfo,
+    args: &BundleIssueArgs,
+) -> Result<(NetworkParameters, NetworkParameters), CliError> {
+    let provider = match (args.pod_cidr, args.service_cidr) {
+        (Some(pod), Some(svc)) => NetworkParameters::new(pod, svc),
+        _ => me.network.clone().ok_or_else(|| {
+            CliError::Usage(format!(
+                "ConfigMap {}/{} of this cluster has no network (its agent predates it): give --pod-cidr and --service-cidr",
+                info::NAMESPACE,
+                info::CONFIG_MAP
+            ))
+        })?,
+    };
+    let consumer = match (
+        &args.consumer_info,
+        args.consumer_pod_cidr,
+        args.consumer_service_cidr,
+    ) {
+        (Some(path), _, _) => {
+            let shown = path.display();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| CliError::Usage(format!("--consumer-info {shown}: {e}")))?;
+            let theirs = info::ClusterInfo::decode(&text)
+                .map_err(|e| CliError::Usage(format!("--consumer-info {shown}: {e}")))?;
+            if theirs.cluster_id != args.consumer {
+                return Err(CliError::Usage(format!(
+                    "--consumer-info {shown} is the info of cluster {}, not of --consumer {}",
+                    theirs.cluster_id, args.consumer
+                )));
+            }
+            theirs.network.ok_or_else(|| {
+                CliError::Usage(format!(
+                    "--consumer-info {shown} has no network (the consumer's agent predates it): give --consumer-pod-cidr and --consumer-service-cidr"
+                ))
+            })?
+        }
+        (None, Some(pod), Some(svc)) => NetworkParameters::new(pod, svc),
+        _ => {
+            return Err(CliError::Usage(
+                "say the consumer's network: --consumer-info FILE (its published cluster info), or --consumer-pod-cidr and --consumer-service-cidr".into(),
+            ));
+        }
+    };
+    Ok((provider, consumer))
+}
+
 /// `bundle issue`.
 pub async fn issue(cli: &Cli, local: &Target, args: &BundleIssueArgs) -> Result<(), CliError> {
     if args.lifetime < MIN_LIFETIME {
@@ -258,11 +307,12 @@ pub async fn issue(cli: &Cli, local: &Target, args: &BundleIssueArgs) -> Result<
     if let Some(key) = key {
         provider = provider.with_public_key(key);
     }
+    let (provider_network, consumer_network) = networks(&me, args)?;
     let mut options = IssueOptions::new(
         endpoint.clone(),
         offer,
-        NetworkSource::Static(NetworkParameters::new(args.pod_cidr, args.service_cidr)),
-        NetworkParameters::new(args.consumer_pod_cidr, args.consumer_service_cidr),
+        NetworkSource::Static(provider_network),
+        consumer_network,
     );
     options.lifetime = args.lifetime;
     options.timeout = cli.timeout;
