@@ -5,15 +5,16 @@
 //! `KubeconfigAuthority` and the virtual kubelet), until the virtual node is Ready; then
 //! `liqoctl bundle revoke`. Hostile bundle files are refused before anything is created.
 
-use std::{process::Output, sync::Arc, time::Duration};
+mod common;
+
+use common::{cluster, id, liqoctl};
+
+use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
 use kube::{Api, Client};
-use liqo_core::{
-    ClusterId,
-    crds::{ForeignCluster, PeeringRole},
-};
-use liqo_lab::{Cluster, ClusterSpec, Lab, LabSpec};
+use liqo_core::crds::{ForeignCluster, PeeringRole};
+use liqo_lab::{ClusterSpec, Lab, LabSpec};
 use liqo_peering::PeeringController;
 use liqo_peering_csr::{IdentityOptions, LocalIdentity};
 use liqo_peering_kubeconfig::{BUNDLE_NAMESPACE, KubeconfigAuthority, bundle_secret_name};
@@ -26,49 +27,6 @@ async fn lab() -> &'static Lab {
     liqo_lab::shared(|| LabSpec::new([ClusterSpec::new("bun-a"), ClusterSpec::new("bun-b")]))
         .await
         .unwrap_or_else(|e| panic!("the shared lab did not start: {e}"))
-}
-
-fn cluster<'a>(lab: &'a Lab, name: &str) -> &'a Cluster {
-    lab.cluster(name)
-        .unwrap_or_else(|| panic!("cluster {name} missing"))
-}
-
-fn id(s: &str) -> ClusterId {
-    s.parse().expect("valid test cluster id")
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs liqoctl with `args` against `cluster` (its admin kubeconfig).
-async fn liqoctl(cluster: &Cluster, args: &[&str]) -> Run {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_liqoctl"));
-    cmd.arg("--kubeconfig")
-        .arg(cluster.kubeconfig_path())
-        .args(args)
-        .env_remove("KUBECONFIG");
-    let out: Output = tokio::time::timeout(Duration::from_secs(180), cmd.output())
-        .await
-        .expect("liqoctl did not finish within 180s")
-        .expect("liqoctl runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 fn strs(v: &[String]) -> Vec<&str> {

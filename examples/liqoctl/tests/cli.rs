@@ -3,7 +3,11 @@
 //!
 //! Tests run in parallel on the same clusters, so each uses cluster ids and namespaces of its own.
 
-use std::{collections::BTreeMap, process::Output, sync::Arc, time::Duration};
+mod common;
+
+use common::{cluster, id, liqoctl, run_bin};
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use k8s_openapi::{
@@ -17,7 +21,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use liqo_core::{
-    ClusterId, DiscoverySource, NetworkParameters, PublicKey,
+    DiscoverySource, NetworkParameters, PublicKey,
     crds::{
         DiscoverySpec, ForeignCluster, ForeignClusterSpec, NamespaceMappingStrategy,
         NamespaceOffloading, PeeringRole, PodOffloadingStrategy, ResourceOffer, ResourceOfferSpec,
@@ -41,11 +45,6 @@ async fn lab() -> &'static Lab {
         .unwrap_or_else(|e| panic!("the shared lab did not start: {e}"))
 }
 
-fn cluster<'a>(lab: &'a Lab, name: &str) -> &'a Cluster {
-    lab.cluster(name)
-        .unwrap_or_else(|| panic!("cluster {name} missing"))
-}
-
 /// The local cluster `a` with the liqo CRDs installed.
 async fn local() -> Result<(&'static Cluster, Client), Box<dyn std::error::Error + Send + Sync>> {
     let a = cluster(lab().await, "a");
@@ -56,48 +55,6 @@ async fn local() -> Result<(&'static Cluster, Client), Box<dyn std::error::Error
 
 async fn install_crds(client: &Client) -> TestResult {
     Ok(liqo_core::crds::install(client, &[], "liqoctl-test").await?)
-}
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Run {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `bin` with `args` against `cluster` (its admin kubeconfig).
-async fn run_bin(bin: &str, cluster: Option<&Cluster>, args: &[&str]) -> Run {
-    let mut cmd = tokio::process::Command::new(bin);
-    if let Some(c) = cluster {
-        cmd.arg("--kubeconfig").arg(c.kubeconfig_path());
-    }
-    cmd.args(args).env_remove("KUBECONFIG");
-    let out: Output = tokio::time::timeout(Duration::from_secs(180), cmd.output())
-        .await
-        .expect("liqoctl did not finish within 180s")
-        .expect("liqoctl runs");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-async fn liqoctl(cluster: &Cluster, args: &[&str]) -> Run {
-    run_bin(env!("CARGO_BIN_EXE_liqoctl"), Some(cluster), args).await
-}
-
-fn id(s: &str) -> ClusterId {
-    s.parse().expect("valid test cluster id")
 }
 
 fn fingerprint(seed: u8) -> liqo_core::KeyFingerprint {
