@@ -267,7 +267,6 @@ pub async fn offloaded_pod_answers(method: Method, fabric: Fabric) -> TestResult
     );
     let consumer = start_agent(&leftovers.dir, ca, &sa_a, &dp, method, fabric)?;
     let provider = start_agent(&leftovers.dir, cb, &sa_b, &dp, method, fabric)?;
-    let logs = [consumer.log.clone(), provider.log.clone()];
     let agents = [&consumer, &provider];
     for agent in agents {
         until("/readyz 200", &agents, WAIT, || async {
@@ -517,16 +516,7 @@ pub async fn offloaded_pod_answers(method: Method, fabric: Fabric) -> TestResult
     }
 
     // SIGTERM: both agents exit 0 and stop their WireGuard daemons.
-    assert_eq!(consumer.terminate().await?, 0, "consumer exit code");
-    assert_eq!(provider.terminate().await?, 0, "provider exit code");
-    // The agents log a refusal and retry: a flow can end well while one of its steps (a status
-    // update, a cleanup) was refused. None may have been.
-    let refused: Vec<String> = logs.iter().flat_map(|l| super::refusals(l)).collect();
-    assert!(
-        refused.is_empty(),
-        "the agents (ServiceAccount liqo-system/liqo-agent) were refused by the API server:\n{}",
-        refused.join("\n")
-    );
+    super::stop_cleanly(consumer, provider).await?;
     for iface in &leftovers.interfaces {
         assert!(
             wireguard_go_pids(iface).is_empty(),

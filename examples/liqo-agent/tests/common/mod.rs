@@ -131,6 +131,22 @@ pub async fn install_deploy(cluster: &Cluster) -> Result<PathBuf, Error> {
     Ok(cluster.user_kubeconfig(SA_USER, &SA_GROUPS)?)
 }
 
+/// SIGTERM to both agents: each must exit 0, and the API server must have refused none of their
+/// requests (the agents log a refusal and retry, so a flow can end well while one of its steps,
+/// a status update or a cleanup, was refused).
+pub async fn stop_cleanly(consumer: Agent, provider: Agent) -> Result<(), Error> {
+    let logs = [consumer.log.clone(), provider.log.clone()];
+    assert_eq!(consumer.terminate().await?, 0, "consumer exit code");
+    assert_eq!(provider.terminate().await?, 0, "provider exit code");
+    let refused: Vec<String> = logs.iter().flat_map(|l| refusals(l)).collect();
+    assert!(
+        refused.is_empty(),
+        "the agents (ServiceAccount liqo-system/liqo-agent) were refused by the API server:\n{}",
+        refused.join("\n")
+    );
+    Ok(())
+}
+
 /// The lines of an agent's log that report a refusal by the API server (RBAC's 403 or the
 /// guard's denial).
 pub fn refusals(log: &Path) -> Vec<String> {

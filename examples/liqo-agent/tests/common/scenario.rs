@@ -144,7 +144,6 @@ pub async fn run(lab: &Lab, consumer: &str, provider: &str, combo: Combo) -> Res
     );
     let consumer = start_agent(dir, ca, &sa_a, "agent-cons", "Consumer", combo)?;
     let provider = start_agent(dir, cb, &sa_b, "agent-prov", "Provider", combo)?;
-    let logs = [consumer.log.clone(), provider.log.clone()];
     let agents = [&consumer, &provider];
 
     // Both become ready (controllers started, local API answering).
@@ -323,16 +322,7 @@ pub async fn run(lab: &Lab, consumer: &str, provider: &str, combo: Combo) -> Res
     }
 
     // SIGTERM: both exit 0, the remote workload stays.
-    assert_eq!(consumer.terminate().await?, 0, "consumer exit code");
-    assert_eq!(provider.terminate().await?, 0, "provider exit code");
-    // The agents log a refusal and retry: a flow can end well while one of its steps (a status
-    // update, a cleanup) was refused. None may have been.
-    let refused: Vec<String> = logs.iter().flat_map(|l| super::refusals(l)).collect();
-    assert!(
-        refused.is_empty(),
-        "the agents (ServiceAccount liqo-system/liqo-agent) were refused by the API server:\n{}",
-        refused.join("\n")
-    );
+    super::stop_cleanly(consumer, provider).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let shadow_after = Api::<ShadowPod>::namespaced(b.clone(), &twin)
         .get_opt("web")
