@@ -325,3 +325,76 @@ impl Agent {
 fn boxed<E: std::fmt::Display>(fut: impl Future<Output = Result<(), E>> + Send + 'static) -> Task {
     Box::pin(async move { fut.await.map_err(|e| e.to_string()) })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use super::*;
+
+    /// A client that is never used: these tests run components only.
+    fn client() -> Client {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("a URL"));
+        Client::try_from(config).expect("a client")
+    }
+
+    #[tokio::test]
+    async fn a_failing_component_stops_the_agent_and_is_named() {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let seen = stopped.clone();
+        let agent = Agent::builder(client(), "rome".parse().expect("an id"))
+            .component("waits", move |cancel: CancellationToken| async move {
+                cancel.cancelled().await;
+                seen.store(true, Ordering::SeqCst);
+                Ok::<(), String>(())
+            })
+            .component("boom", |_| async { Err::<(), _>("out of luck") })
+            .build();
+        let err = tokio::time::timeout(Duration::from_secs(30), agent.run(std::future::pending()))
+            .await
+            .expect("the agent stops")
+            .expect_err("a component failed");
+        let AgentError::Component { component, message } = err;
+        assert_eq!(
+            (component.as_str(), message.as_str()),
+            ("boom", "out of luck")
+        );
+        assert!(
+            stopped.load(Ordering::SeqCst),
+            "the other component was cancelled and drained"
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_every_component_cleanly() {
+        let agent = Agent::builder(client(), "rome".parse().expect("an id"))
+            .component("waits", |cancel: CancellationToken| async move {
+                cancel.cancelled().await;
+                Ok::<(), String>(())
+            })
+            .build();
+        let result = tokio::time::timeout(Duration::from_secs(30), agent.run(async {}))
+            .await
+            .expect("the agent stops");
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_component_ending_early_is_a_failure() {
+        let agent = Agent::builder(client(), "rome".parse().expect("an id"))
+            .component("short-lived", |_| async { Ok::<(), String>(()) })
+            .build();
+        let err = tokio::time::timeout(Duration::from_secs(30), agent.run(std::future::pending()))
+            .await
+            .expect("the agent stops")
+            .expect_err("an early end is a failure");
+        assert!(
+            err.to_string()
+                .contains("short-lived failed: stopped unexpectedly"),
+            "{err}"
+        );
+    }
+}
