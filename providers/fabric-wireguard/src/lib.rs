@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod cluster;
 mod fabric;
 pub mod gateway;
 
