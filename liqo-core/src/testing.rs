@@ -350,3 +350,86 @@ impl ResourceReflector for RecordingReflector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ClusterId {
+        s.parse().expect("a test id")
+    }
+
+    #[tokio::test]
+    async fn static_discovery_streams_what_it_is_given_once() {
+        let d = StaticDiscovery::new(vec![advertisement("rome", DiscoverySource::Manual)]);
+        d.advertise(&advertisement("me", DiscoverySource::Manual))
+            .await
+            .expect("advertise");
+        assert_eq!(d.advertised().lock().expect("lock").len(), 1);
+        let mut events = d.watch().await.expect("the first watch");
+        d.sender()
+            .send(Ok(DiscoveryEvent::Added(advertisement(
+                "milan",
+                DiscoverySource::Dns,
+            ))))
+            .expect("send");
+        for want in ["rome", "milan"] {
+            match events.next().await {
+                Some(Ok(DiscoveryEvent::Added(a))) => assert_eq!(a.cluster_id.as_str(), want),
+                other => panic!("expected {want} added, got {other:?}"),
+            }
+        }
+        assert!(d.watch().await.is_err(), "a second watch is refused");
+    }
+
+    #[tokio::test]
+    async fn test_peering_records_and_fails_on_demand() {
+        let p = TestPeering::default();
+        let target = PeeringTarget {
+            cluster_id: Some(id("milan")),
+            endpoint: "https://milan:1".into(),
+            expected_fingerprint: None,
+        };
+        let grant = p.request(&target).await.expect("a grant");
+        assert_eq!(grant.provider.id, id("milan"));
+        assert_eq!(grant.credential.tenant_namespace, "liqo-tenant-me");
+        p.answer_as("turin");
+        assert_eq!(
+            p.request(&target).await.expect("a grant").provider.id,
+            id("turin")
+        );
+        p.fail_requests("no");
+        assert!(matches!(
+            p.request(&target).await,
+            Err(PeeringError::Refused { reason, .. }) if reason == "no"
+        ));
+        p.release(&id("milan")).await.expect("release");
+        assert_eq!(
+            p.calls(),
+            [
+                "request:milan",
+                "request:turin",
+                "request:turin",
+                "release:milan"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn identity_fabric_links_and_fails_on_demand() {
+        let f = IdentityFabric::default();
+        let params = f.local_parameters().await.expect("parameters");
+        let link = f.connect(&id("milan"), &params).await.expect("a link");
+        assert_eq!(link.cluster, id("milan"));
+        assert_eq!(f.linked(), [id("milan")]);
+        assert_eq!(
+            f.status(&id("milan")).await.expect("status").state,
+            LinkState::Connected
+        );
+        f.disconnect(&id("milan")).await.expect("disconnect");
+        assert!(f.linked().is_empty());
+        f.fail_connects("cable cut");
+        let err = f.connect(&id("turin"), &params).await.expect_err("fails");
+        assert!(err.to_string().contains("cable cut"), "{err}");
+    }
+}
