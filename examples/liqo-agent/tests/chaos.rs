@@ -30,8 +30,8 @@ mod common;
 use common::{
     Agent, Error, failure, free_port, http_get,
     workload::{
-        apply, client_pod, field, named, network_ready, node_ready, provider_intent, running_ip,
-        watch_for, web_deployment,
+        apply, client_pod, field, named, network_ready, node_ready, offload_namespace,
+        provider_intent, running_ip, web_deployment,
     },
 };
 
@@ -47,7 +47,7 @@ use futures::StreamExt;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Event, Namespace, Node, Pod},
+        core::v1::{Event, Node, Pod},
     },
     jiff::Timestamp,
 };
@@ -62,10 +62,7 @@ use kube::{
 };
 use liqo_core::{
     ClusterId,
-    crds::{
-        ForeignCluster, NamespaceMappingStrategy, NamespaceOffloading, NamespaceOffloadingSpec,
-        PodOffloadingStrategy, foreign_cluster_condition,
-    },
+    crds::{ForeignCluster, NamespaceMappingStrategy, foreign_cluster_condition},
 };
 use liqo_lab::{Cluster, ClusterSpec, Component, DataPlane, Lab, LabSpec, WorkerSpec};
 use liqo_vk::{names, shadow::ShadowPod};
@@ -631,49 +628,9 @@ async fn every_fault_recovers_with_nothing_lost() -> TestResult {
     let prov_id: ClusterId = PROVIDER.parse()?;
     let fc = provider_intent(&prov_id, info)?;
     apply(&Api::<ForeignCluster>::all(a.clone()), PROVIDER, &fc).await?;
-    apply(
-        &Api::<Namespace>::all(a.clone()),
-        OFFLOADED_NS,
-        &Namespace {
-            metadata: ObjectMeta {
-                name: Some(OFFLOADED_NS.into()),
-                ..ObjectMeta::default()
-            },
-            ..Namespace::default()
-        },
-    )
-    .await?;
-    let nsos: Api<NamespaceOffloading> = Api::namespaced(a.clone(), OFFLOADED_NS);
-    apply(
-        &nsos,
-        names::OFFLOADING_NAME,
-        &NamespaceOffloading::new(
-            names::OFFLOADING_NAME,
-            NamespaceOffloadingSpec {
-                namespace_mapping_strategy: NamespaceMappingStrategy::DefaultName,
-                remote_namespace_name: None,
-                pod_offloading_strategy: PodOffloadingStrategy::Remote,
-                cluster_selector: None,
-            },
-        ),
-    )
-    .await?;
     {
         let agents = [consumer.agent()?, provider.agent()?];
-        watch_for(
-            "the NamespaceOffloading Ready",
-            &agents,
-            nsos,
-            named(names::OFFLOADING_NAME),
-            |o| {
-                o.status
-                    .as_ref()
-                    .and_then(|s| s.phase.as_ref())
-                    .filter(|p| format!("{p:?}") == "Ready")
-                    .map(|_| ())
-            },
-        )
-        .await?;
+        offload_namespace(&a, OFFLOADED_NS, &agents).await?;
     }
     let deployments = Api::<Deployment>::namespaced(a.clone(), OFFLOADED_NS);
     let mut desired = 2;

@@ -28,8 +28,8 @@ use super::{
     scenario::{Method, peer_through_a_bundle},
     until,
     workload::{
-        apply, client_pod, field, named, network_ready, node_ready, provider_intent, running_ip,
-        watch_for, web_deployment,
+        apply, client_pod, field, named, network_ready, node_ready, offload_namespace,
+        provider_intent, running_ip, watch_for, web_deployment,
     },
 };
 
@@ -40,13 +40,10 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{Namespace, Node, Pod},
+    core::v1::{Node, Pod},
 };
-use kube::{Api, Client, api::ObjectMeta, runtime::watcher};
-use liqo_core::{
-    ClusterId,
-    crds::{ForeignCluster, NamespaceOffloading, NamespaceOffloadingSpec, PodOffloadingStrategy},
-};
+use kube::{Api, Client, runtime::watcher};
+use liqo_core::{ClusterId, crds::ForeignCluster};
 use liqo_lab::{Cluster, ClusterSpec, DataPlane, IpNet, Lab, LabSpec, WorkerSpec};
 
 type TestResult = Result<(), Error>;
@@ -334,47 +331,7 @@ pub async fn offloaded_pod_answers(method: Method, fabric: Fabric) -> TestResult
     let peered = started.elapsed();
 
     // Offload a namespace (pods only on the provider), a Deployment in it and a client at home.
-    apply(
-        &Api::<Namespace>::all(a.clone()),
-        OFFLOADED_NS,
-        &Namespace {
-            metadata: ObjectMeta {
-                name: Some(OFFLOADED_NS.into()),
-                ..ObjectMeta::default()
-            },
-            ..Namespace::default()
-        },
-    )
-    .await?;
-    let nsos: Api<NamespaceOffloading> = Api::namespaced(a.clone(), OFFLOADED_NS);
-    apply(
-        &nsos,
-        liqo_vk::names::OFFLOADING_NAME,
-        &NamespaceOffloading::new(
-            liqo_vk::names::OFFLOADING_NAME,
-            NamespaceOffloadingSpec {
-                namespace_mapping_strategy: Default::default(),
-                remote_namespace_name: None,
-                pod_offloading_strategy: PodOffloadingStrategy::Remote,
-                cluster_selector: None,
-            },
-        ),
-    )
-    .await?;
-    watch_for(
-        "the NamespaceOffloading Ready",
-        &agents,
-        nsos,
-        named(liqo_vk::names::OFFLOADING_NAME),
-        |o| {
-            o.status
-                .as_ref()
-                .and_then(|s| s.phase.as_ref())
-                .filter(|p| format!("{p:?}") == "Ready")
-                .map(|_| ())
-        },
-    )
-    .await?;
+    offload_namespace(&a, OFFLOADED_NS, &agents).await?;
     apply(
         &Api::<Deployment>::namespaced(a.clone(), OFFLOADED_NS),
         "web",

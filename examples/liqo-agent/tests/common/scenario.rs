@@ -23,8 +23,7 @@ use kube::{
 use liqo_core::{
     ClusterId, ClusterIdentity, DiscoverySource, ResourceOffer,
     crds::{
-        DiscoverySpec, ForeignCluster, ForeignClusterSpec, NamespaceOffloading,
-        NamespaceOffloadingSpec, PeeringRole, PodOffloadingStrategy,
+        DiscoverySpec, ForeignCluster, ForeignClusterSpec, PeeringRole,
         foreign_cluster_condition as cond,
     },
 };
@@ -193,45 +192,7 @@ pub async fn run(lab: &Lab, consumer: &str, provider: &str, combo: Combo) -> Res
 
     // Offload a namespace and a pod: it runs on the provider as a ShadowPod.
     let ns = "agent-offload";
-    Api::<Namespace>::all(a.clone())
-        .patch(
-            ns,
-            &PatchParams::apply("agent-test"),
-            &Patch::Apply(&Namespace {
-                metadata: ObjectMeta {
-                    name: Some(ns.into()),
-                    ..ObjectMeta::default()
-                },
-                ..Namespace::default()
-            }),
-        )
-        .await?;
-    let nso = NamespaceOffloading::new(
-        liqo_vk::names::OFFLOADING_NAME,
-        NamespaceOffloadingSpec {
-            namespace_mapping_strategy: Default::default(),
-            remote_namespace_name: None,
-            pod_offloading_strategy: PodOffloadingStrategy::Remote,
-            cluster_selector: None,
-        },
-    );
-    let nsos: Api<NamespaceOffloading> = Api::namespaced(a.clone(), ns);
-    nsos.patch(
-        liqo_vk::names::OFFLOADING_NAME,
-        &PatchParams::apply("agent-test").force(),
-        &Patch::Apply(&nso),
-    )
-    .await?;
-    until("offloading Ready", &agents, WAIT, || async {
-        nsos.get_opt(liqo_vk::names::OFFLOADING_NAME)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|o| o.status)
-            .and_then(|s| s.phase)
-            .filter(|p| format!("{p:?}") == "Ready")
-    })
-    .await?;
+    super::workload::offload_namespace(&a, ns, &agents).await?;
     let pods: Api<Pod> = Api::namespaced(a.clone(), ns);
     let pod = Pod {
         metadata: ObjectMeta {

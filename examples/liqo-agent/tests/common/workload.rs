@@ -193,3 +193,56 @@ pub fn provider_intent(id: &ClusterId, info: ClusterInfo) -> Result<ForeignClust
         },
     ))
 }
+
+/// Offloads namespace `ns` of the cluster `client` reaches (made if missing), pods only on the
+/// providers, and waits (watching) until its `NamespaceOffloading` is Ready.
+pub async fn offload_namespace(
+    client: &kube::Client,
+    ns: &str,
+    agents: &[&Agent],
+) -> Result<(), Error> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use liqo_core::crds::{NamespaceOffloading, NamespaceOffloadingSpec, PodOffloadingStrategy};
+
+    apply(
+        &Api::<Namespace>::all(client.clone()),
+        ns,
+        &Namespace {
+            metadata: ObjectMeta {
+                name: Some(ns.into()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        },
+    )
+    .await?;
+    let nsos: Api<NamespaceOffloading> = Api::namespaced(client.clone(), ns);
+    apply(
+        &nsos,
+        liqo_vk::names::OFFLOADING_NAME,
+        &NamespaceOffloading::new(
+            liqo_vk::names::OFFLOADING_NAME,
+            NamespaceOffloadingSpec {
+                namespace_mapping_strategy: Default::default(),
+                remote_namespace_name: None,
+                pod_offloading_strategy: PodOffloadingStrategy::Remote,
+                cluster_selector: None,
+            },
+        ),
+    )
+    .await?;
+    watch_for(
+        "the NamespaceOffloading Ready",
+        agents,
+        nsos,
+        named(liqo_vk::names::OFFLOADING_NAME),
+        |o| {
+            o.status
+                .as_ref()
+                .and_then(|s| s.phase.as_ref())
+                .filter(|p| format!("{p:?}") == "Ready")
+                .map(|_| ())
+        },
+    )
+    .await
+}
