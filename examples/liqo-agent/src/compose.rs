@@ -320,7 +320,7 @@ impl Agent {
                 ));
                 let rotation = RotationController::new(client.clone(), consumer.clone());
                 agent = agent
-                    .peering(Arc::new(CsrAuthority::consumer_side(consumer)))
+                    .peering(Arc::new(CsrAuthority::new(consumer)))
                     .component(
                         "credential rotation",
                         move |cancel: CancellationToken| async move {

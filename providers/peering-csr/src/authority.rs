@@ -7,8 +7,7 @@ use async_trait::async_trait;
 use kube::Client;
 use liqo_core::{
     ClusterId, Diagnosis, NetworkParameters, PeeringAuthority, PeeringError, PeeringGrant,
-    PeeringTarget,
-    crds::{ForeignCluster, foreign_cluster_condition as cond},
+    PeeringTarget, crds::foreign_cluster_condition as cond,
 };
 use liqo_peering::NetworkSource;
 
@@ -27,30 +26,13 @@ use crate::{
 /// [`Provider`] behind a [`PeeringServer`](crate::PeeringServer) or the in-process connector.
 #[derive(Debug, Clone)]
 pub struct CsrAuthority {
-    provider: Option<Arc<Provider>>,
     consumer: Arc<Consumer>,
 }
 
 impl CsrAuthority {
-    /// Both roles of one cluster (they must share its identity).
-    pub fn new(provider: Arc<Provider>, consumer: Arc<Consumer>) -> Self {
-        Self {
-            provider: Some(provider),
-            consumer,
-        }
-    }
-
-    /// The consumer role only: what the peering controller needs.
-    pub fn consumer_side(consumer: Arc<Consumer>) -> Self {
-        Self {
-            provider: None,
-            consumer,
-        }
-    }
-
-    /// The provider role, when given (cordon, drain, the peering endpoint).
-    pub fn provider(&self) -> Option<&Arc<Provider>> {
-        self.provider.as_ref()
+    /// The consumer role of this cluster: what the peering controller needs.
+    pub fn new(consumer: Arc<Consumer>) -> Self {
+        Self { consumer }
     }
 
     /// The consumer role (stored credentials, rotation).
@@ -61,25 +43,6 @@ impl CsrAuthority {
 
 #[async_trait]
 impl PeeringAuthority for CsrAuthority {
-    /// `spec.peeringEndpoint`, which must be an `https://` URL (or the in-process endpoint).
-    fn target(&self, fc: &ForeignCluster) -> Result<PeeringTarget, Diagnosis> {
-        let Some(endpoint) = fc.spec.peering_endpoint.clone().filter(|e| !e.is_empty()) else {
-            return Err(Diagnosis {
-                condition: cond::AUTHENTICATED,
-                reason: "MissingPeeringEndpoint",
-                message: format!(
-                    "spec.role is {:?} but spec.peeringEndpoint is empty: set it to the provider's https:// peering endpoint (published in its ConfigMap liqo-system/liqo-cluster-info)",
-                    fc.spec.role
-                ),
-            });
-        };
-        Ok(PeeringTarget {
-            cluster_id: Some(fc.spec.cluster_id.clone()),
-            endpoint,
-            expected_fingerprint: fc.spec.public_key_fingerprint,
-        })
-    }
-
     async fn request(&self, target: &PeeringTarget) -> Result<PeeringGrant, PeeringError> {
         self.consumer.obtain(target).await
     }
@@ -141,11 +104,7 @@ pub fn peering_controller(
     consumer: Arc<Consumer>,
 ) -> liqo_peering::PeeringController {
     let me = consumer.identity().id().clone();
-    liqo_peering::PeeringController::new(
-        client,
-        me,
-        Arc::new(CsrAuthority::consumer_side(consumer)),
-    )
+    liqo_peering::PeeringController::new(client, me, Arc::new(CsrAuthority::new(consumer)))
 }
 
 fn identity_err(e: crate::identity::IdentityError) -> PeeringError {
