@@ -14,6 +14,7 @@ declare -A pkgs=(
   [setpriv]=util-linux [ip]=iproute2 [ping]=iputils-ping [sysctl]=procps [nft]=nftables
   [wireguard-go]=wireguard-go [wg]=wireguard-tools [iperf3]=iperf3
   [avahi-daemon]=avahi-daemon [avahi-browse]=avahi-utils [dbus-daemon]=dbus [dnsmasq]=dnsmasq-base
+  [containerd]=containerd [runc]=runc [busybox]=busybox-static
 )
 missing=()
 for cmd in "${!pkgs[@]}"; do command -v "$cmd" >/dev/null || missing+=("${pkgs[$cmd]}"); done

@@ -212,6 +212,44 @@ pub enum LabError {
         message: String,
     },
 
+    /// An OCI image could not be built (see [`write_oci_archive`](crate::write_oci_archive)):
+    /// its spec is not usable or its layer could not be written.
+    #[error("OCI image {image}: {message}")]
+    Image {
+        /// The image reference name.
+        image: String,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// A host file to be copied into an OCI image could not be read.
+    #[error("OCI image {image}: reading {} for {entry}: {source}", .host_path.display())]
+    ImageSource {
+        /// The image reference name.
+        image: String,
+        /// The path of the entry inside the image.
+        entry: String,
+        /// The host file.
+        host_path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The busybox the lab's images are made of is missing or not a static binary (see
+    /// [`busybox_image`](crate::busybox_image)).
+    #[error(
+        "busybox {}: {message}; the lab's images need a static busybox: install the Debian \
+         package busybox-static",
+        .path.display()
+    )]
+    Busybox {
+        /// The busybox binary looked at.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// The process-wide shared lab (see [`shared`](crate::shared)) failed to start earlier.
     #[error("the shared lab failed to start: {0}")]
     Shared(String),

@@ -69,6 +69,12 @@
 //! `liqo-lab up --dataplane` runs it in a background process for a detached lab
 //! ([`start_dataplane_daemon`]); `liqo-lab http` sends a request from a pod's namespace.
 //!
+//! ## Images
+//! [`write_oci_archive`] builds a reproducible one-layer OCI image archive from an [`ImageSpec`]
+//! (files, directories, symlinks, run configuration) without registry or docker, ready for
+//! `ctr images import`; [`busybox_image`] and [`pause_image`] are a workload image and a pod
+//! sandbox image made of the host's static busybox (Debian package `busybox-static`).
+//!
 //! ## Sharing one lab per test binary
 //! Starting a lab takes seconds; [`shared`] starts one per test binary on first use and hands the
 //! same `&'static Lab` to every test. Each `#[tokio::test]` has its own runtime, so get clients
@@ -80,6 +86,7 @@ mod binaries;
 mod cluster;
 mod dataplane;
 mod error;
+mod image;
 mod kubeconfig;
 mod lab;
 mod manifest;
@@ -104,6 +111,11 @@ pub use dataplane::{
     pod_netns_name, run_daemon as run_dataplane_daemon, start_daemon as start_dataplane_daemon,
 };
 pub use error::{ComponentFailure, LabError, Result};
+pub use image::{
+    ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME, BUSYBOX_APPLETS, HOST_BUSYBOX, ImageDigests,
+    ImageSpec, MEDIA_TYPE_CONFIG, MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER, MEDIA_TYPE_MANIFEST,
+    busybox_image, busybox_image_from, pause_image, pause_image_from, write_oci_archive,
+};
 pub use ipnet::IpNet;
 pub use lab::{Lab, ProcessInfo};
 pub use manifest::{
