@@ -259,8 +259,13 @@ pub struct ImageDigests {
 /// Writes `spec` to `out` as one tar file holding an OCI image layout, ready for
 /// `ctr images import`, and returns its digests.
 ///
-/// The archive is byte-for-byte reproducible (see the [module documentation](self)). It is
-/// written next to `out` first and renamed, so `out` is never left half written.
+/// The archive is byte-for-byte reproducible: the same spec (and the same bytes of its host
+/// files) always gives the same archive, hence the same digests. Entries are sorted by path,
+/// every tar header has mtime 0, uid and gid 0 and no user or group name, the gzip header has
+/// mtime 0 and no file name, the compression level is fixed (6, with flate2's pure-Rust
+/// backend), and the JSON documents have a fixed field order and no creation date.
+///
+/// It is written next to `out` first and renamed, so `out` is never left half written.
 ///
 /// # Errors
 /// [`LabError::Image`] when the spec is not usable (bad name, path, mode or env key, an entry
