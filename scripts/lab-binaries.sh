@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds (once) and caches the binaries the lab runs: etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler and kwok, all from Go modules. Prints the directory that holds them on stdout.
+# kube-scheduler, kwok, and kubelet and kube-proxy for the lab's real nodes, all from Go modules. Prints the directory that holds them on stdout.
 #
 # Skips the build when:
-#   - LIQO_LAB_BIN_DIR points at a directory that already has all five binaries, or
+#   - LIQO_LAB_BIN_DIR points at a directory that already has all the binaries, or
 #   - the cache (LIQO_LAB_CACHE, default ~/.cache/liqo-lab) has binaries of the pinned versions.
 # KUBEBUILDER_ASSETS (envtest) may supply etcd and kube-apiserver; the rest are built.
 #
@@ -17,7 +17,7 @@ WITH_KUBECTL=0
 K8S_VERSION="${LIQO_LAB_K8S_VERSION:-v1.34.4}"
 ETCD_VERSION="${LIQO_LAB_ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${LIQO_LAB_KWOK_VERSION:-v0.8.0}"
-BINS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok)
+BINS=(etcd kube-apiserver kube-controller-manager kube-scheduler kwok kubelet kube-proxy)
 
 log() { printf '[lab-binaries] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -73,6 +73,8 @@ build_kube() {
     echo "  k8s.io/kubernetes/cmd/kube-apiserver"
     echo "  k8s.io/kubernetes/cmd/kube-controller-manager"
     echo "  k8s.io/kubernetes/cmd/kube-scheduler"
+    echo "  k8s.io/kubernetes/cmd/kubelet"
+    echo "  k8s.io/kubernetes/cmd/kube-proxy"
     echo "  k8s.io/kubernetes/cmd/kubectl"
     echo ")"
     grep -oE '^\s*k8s\.io/[a-z0-9-]+ => \./staging' "$gomod" | awk -v v="$stagever" '{print "replace " $1 " => " $1 " " v}'
@@ -84,7 +86,7 @@ build_kube() {
   for p in $pkg $cpkg; do
     ld="$ld -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
   done
-  local bins=(kube-apiserver kube-controller-manager kube-scheduler)
+  local bins=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
   [ "$WITH_KUBECTL" = 1 ] && bins+=(kubectl)
   for b in "${bins[@]}"; do
     [ -x "$OUT/$b" ] && continue

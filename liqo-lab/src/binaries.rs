@@ -32,6 +32,10 @@ pub struct Binaries {
     pub kwok: PathBuf,
     /// The kwok stage files (`kwok-stages/*.yaml`), passed to kwok with `--config`.
     pub kwok_stages: Vec<PathBuf>,
+    /// `kubelet`, when the directory has it (real nodes need it).
+    pub kubelet: Option<PathBuf>,
+    /// `kube-proxy`, when the directory has it (real nodes need it).
+    pub kube_proxy: Option<PathBuf>,
 }
 
 impl Binaries {
@@ -74,6 +78,8 @@ impl Binaries {
             kube_scheduler: bin("kube-scheduler")?,
             kwok: bin("kwok")?,
             kwok_stages,
+            kubelet: bin("kubelet").ok(),
+            kube_proxy: bin("kube-proxy").ok(),
             dir,
         })
     }

@@ -40,6 +40,8 @@ pub const KWOK_NODE_ANNOTATION_VALUE: &str = "fake";
 /// Label carrying the lab cluster's name on its worker nodes.
 pub const LAB_CLUSTER_LABEL: &str = "liqo.io/lab-cluster";
 
+/// File name of the API server's egress proxy socket in the cluster's directory.
+const EGRESS_SOCKET: &str = "egress.sock";
 const SA_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const POLL: Duration = Duration::from_millis(250);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -114,6 +116,7 @@ pub struct Cluster {
     service_cidr: IpNet,
     workers: Vec<WorkerSpec>,
     node_cidrs: Vec<IpNet>,
+    real_node_cidrs: Vec<IpNet>,
     kubeconfig_path: PathBuf,
     admin_config: kube::Config,
     ca: CertifiedKey,
@@ -191,9 +194,16 @@ impl Cluster {
         for d in [&dir, &pki_dir, &kc_dir, &log_dir, &dir.join("users")] {
             mkdir(d)?;
         }
-        let node_cidrs = node_pod_cidrs(spec.pod_cidr, spec.workers.len())?;
-        let pki =
-            ClusterPki::generate(&name, first_service_ip(spec.service_cidr), &spec.extra_sans)?;
+        // Real nodes take the slices after the kwok workers' (the split does not depend on the
+        // count while each node gets a /24).
+        let mut node_cidrs = node_pod_cidrs(spec.pod_cidr, spec.workers.len() + spec.real_nodes)?;
+        let real_node_cidrs = node_cidrs.split_off(spec.workers.len());
+        let real = spec.real_nodes > 0;
+        let mut sans = spec.extra_sans.clone();
+        if real {
+            sans.push(std::net::IpAddr::V4(crate::nodes::API_ADDRESS));
+        }
+        let pki = ClusterPki::generate(&name, first_service_ip(spec.service_cidr), &sans)?;
         let file = |n: &str| pki_dir.join(n);
         write_file(&file("ca.crt"), &pki.ca.cert_pem, 0o644)?;
         write_file(&file("ca.key"), &pki.ca.key_pem, 0o600)?;
@@ -237,6 +247,39 @@ impl Cluster {
         )?;
         let sched_kc = component_kubeconfig(Component::Scheduler, "system:kube-scheduler", &[])?;
         let kwok_kc = component_kubeconfig(Component::Kwok, "liqo-lab-kwok", &["system:masters"])?;
+        // With real nodes, the API server advertises the address the nodes reach it at (the
+        // `kubernetes` Service's endpoint), and reaches kubelets and pods through the lab's egress
+        // proxy, with a client certificate kubelets accept.
+        let mut node_args = Vec::new();
+        if real {
+            let kubelet_client = issue_client_cert(
+                &pki.ca,
+                &owner,
+                "kube-apiserver-kubelet-client",
+                &["system:masters"],
+            )?;
+            write_file(&file("kubelet-client.crt"), &kubelet_client.cert_pem, 0o644)?;
+            write_file(&file("kubelet-client.key"), &kubelet_client.key_pem, 0o600)?;
+            let egress = dir.join("egress.yaml");
+            write_file(
+                &egress,
+                &crate::nodes::config::egress_selector_yaml(&dir.join(EGRESS_SOCKET)),
+                0o644,
+            )?;
+            node_args = vec![
+                arg("advertise-address", crate::nodes::API_ADDRESS.to_string()),
+                arg("endpoint-reconciler-type", "lease"),
+                arg("egress-selector-config-file", &egress),
+                arg("kubelet-client-certificate", file("kubelet-client.crt")),
+                arg("kubelet-client-key", file("kubelet-client.key")),
+                arg("kubelet-preferred-address-types", "InternalIP"),
+            ];
+        } else {
+            node_args.extend([
+                arg("advertise-address", "127.0.0.1"),
+                arg("endpoint-reconciler-type", "none"),
+            ]);
+        }
 
         let bins = setup.binaries;
         let command = |c: Component, binary: &Path, args: Vec<OsString>| CommandSpec {
@@ -250,11 +293,10 @@ impl Cluster {
         let apiserver = command(
             Component::ApiServer,
             &bins.kube_apiserver,
-            vec![
+            [
                 arg("etcd-servers", setup.etcd_url),
                 arg("etcd-prefix", format!("/{name}")),
                 arg("bind-address", "127.0.0.1"),
-                arg("advertise-address", "127.0.0.1"),
                 arg("secure-port", setup.api_port.to_string()),
                 arg("cert-dir", &pki_dir),
                 arg("tls-cert-file", file("apiserver.crt")),
@@ -269,9 +311,11 @@ impl Cluster {
                 arg("service-account-issuer", SA_ISSUER),
                 arg("service-account-key-file", file("sa.pub")),
                 arg("service-account-signing-key-file", file("sa.key")),
-                arg("endpoint-reconciler-type", "none"),
                 arg("profiling", "false"),
-            ],
+            ]
+            .into_iter()
+            .chain(node_args)
+            .collect(),
         );
         let controller_manager = command(
             Component::ControllerManager,
@@ -325,6 +369,7 @@ impl Cluster {
             service_cidr: spec.service_cidr.trunc(),
             workers: spec.workers.clone(),
             node_cidrs,
+            real_node_cidrs,
             kubeconfig_path,
             admin_config,
             ca: pki.ca,
@@ -661,6 +706,31 @@ impl Cluster {
             .enumerate()
             .map(|(i, c)| (format!("{}-worker-{i}", self.name), *c))
             .collect()
+    }
+
+    /// How many real nodes the cluster has.
+    pub fn real_node_count(&self) -> usize {
+        self.real_node_cidrs.len()
+    }
+
+    /// The pod CIDR slices of the real nodes, in node order.
+    pub(crate) fn real_node_cidrs(&self) -> &[IpNet] {
+        &self.real_node_cidrs
+    }
+
+    /// The cluster's CA.
+    pub(crate) fn ca(&self) -> &CertifiedKey {
+        &self.ca
+    }
+
+    /// The cluster CA's certificate file.
+    pub(crate) fn ca_file(&self) -> PathBuf {
+        self.dir.join("pki").join("ca.crt")
+    }
+
+    /// The unix socket of the API server's egress proxy (clusters with real nodes).
+    pub(crate) fn egress_socket(&self) -> PathBuf {
+        self.dir.join(EGRESS_SOCKET)
     }
 
     /// The cluster's directory (`<lab root>/<name>`).

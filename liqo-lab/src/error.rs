@@ -184,6 +184,11 @@ pub enum LabError {
     #[error("data plane: {0}")]
     DataPlane(String),
 
+    /// A real node (kubelet, containerd, kube-proxy in a network namespace of its own) could not be
+    /// set up, started or removed; the message names the node and the step.
+    #[error("real node: {0}")]
+    Nodes(String),
+
     /// No network namespace exists for the pod: it is not labelled
     /// [`NETNS_LABEL`](crate::NETNS_LABEL)`=true`, not bound to a lab worker node, has no IP yet,
     /// or the data plane does not serve its cluster.

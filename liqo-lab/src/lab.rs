@@ -14,6 +14,7 @@ use crate::{
     binaries::{Binaries, locate_binaries},
     cluster::{Cluster, ClusterSetup, Component},
     error::{LabError, Result},
+    nodes::{RealNodeInfo, RealNodes},
     ports::{PortRegistry, PortReservation},
     process::{CommandSpec, STOP_GRACE, Supervised, Watchdog},
     procfs::ProcessToken,
@@ -50,6 +51,7 @@ pub struct Lab {
     etcd: Supervised,
     etcd_url: String,
     clusters: Vec<Cluster>,
+    nodes: Option<RealNodes>,
     ports: Vec<PortReservation>,
     watchdog: Option<Watchdog>,
     state: Option<Arc<StateFile>>,
@@ -111,6 +113,7 @@ impl Lab {
             etcd,
             etcd_url,
             clusters: Vec::new(),
+            nodes: None,
             ports,
             watchdog: None,
             state: None,
@@ -137,6 +140,10 @@ impl Lab {
             lab.clusters.push(cluster);
         }
 
+        if lab.clusters.iter().any(|c| c.real_node_count() > 0) {
+            lab.nodes = Some(RealNodes::prepare(&lab.root, &lab.clusters, &lab.binaries).await?);
+        }
+
         lab.etcd.start(lab.lifetime).await?;
         lab.wait_etcd(spec.ready_timeout).await?;
         tracing::info!(elapsed = ?started.elapsed(), url = %lab.etcd_url, "etcd healthy");
@@ -147,6 +154,11 @@ impl Lab {
         }
         lab.state = Some(state);
         futures::future::try_join_all(lab.clusters.iter().map(|c| c.boot(&lab.etcd))).await?;
+        if let Some(nodes) = &lab.nodes {
+            nodes
+                .start(&lab.clusters, lab.lifetime, spec.ready_timeout)
+                .await?;
+        }
 
         if lab.lifetime == Lifetime::Detached {
             // The ports stay reserved until `down`: hand them to etcd, which lives until then.
@@ -254,6 +266,40 @@ impl Lab {
         &self.binaries
     }
 
+    /// Every real node of the lab (see [`ClusterSpec::real_nodes`](crate::ClusterSpec::real_nodes)).
+    pub fn real_nodes(&self) -> Vec<RealNodeInfo> {
+        self.nodes
+            .as_ref()
+            .map(RealNodes::infos)
+            .unwrap_or_default()
+    }
+
+    /// Imports an OCI image archive (e.g. from [`write_oci_archive`](crate::write_oci_archive))
+    /// into the containerd of every real node of `cluster`, so pods there can run it with
+    /// `imagePullPolicy: Never` or `IfNotPresent`.
+    pub async fn import_image(&self, cluster: &str, archive: &Path) -> Result<()> {
+        let Some(nodes) = &self.nodes else {
+            return Err(LabError::Nodes("the lab has no real nodes".to_owned()));
+        };
+        let names: Vec<String> = nodes
+            .infos()
+            .into_iter()
+            .filter(|n| n.cluster == cluster)
+            .map(|n| n.name)
+            .collect();
+        if names.is_empty() {
+            return Err(LabError::Nodes(format!(
+                "cluster {cluster:?} has no real nodes"
+            )));
+        }
+        for name in names {
+            if let Some(node) = nodes.node(&name) {
+                node.import_image(archive).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// The shared etcd's client URL.
     pub fn etcd_url(&self) -> &str {
         &self.etcd_url
@@ -280,6 +326,15 @@ impl Lab {
                 log: self.etcd.spec.log.clone(),
             });
         }
+        for (node, component, pid, log) in self.nodes.iter().flat_map(RealNodes::processes) {
+            let cluster = node.rsplit_once("-node-").map(|(c, _)| c.to_owned());
+            out.push(ProcessInfo {
+                cluster,
+                component: format!("{component} ({node})"),
+                pid,
+                log,
+            });
+        }
         for c in &self.clusters {
             for comp in Component::ALL {
                 if let Some(pid) = c.pid(comp) {
@@ -299,6 +354,9 @@ impl Lab {
     /// removes its directory and releases its ports. Works for detached labs too.
     pub async fn stop(mut self) -> Result<()> {
         let mut first_err = None;
+        if let Some(nodes) = &mut self.nodes {
+            nodes.stop().await;
+        }
         let stops = self.clusters.iter().map(|c| async move {
             // Kwok, scheduler and controller-manager first, the API server last.
             let mut errs = Vec::new();
@@ -340,7 +398,10 @@ impl Lab {
         }
     }
 
-    fn kill_all(&self) {
+    fn kill_all(&mut self) {
+        if let Some(nodes) = &mut self.nodes {
+            nodes.kill();
+        }
         for c in &self.clusters {
             for s in c.components() {
                 s.kill_now();

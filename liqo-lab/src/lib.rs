@@ -91,6 +91,7 @@ mod kubeconfig;
 mod lab;
 mod manifest;
 mod net;
+mod nodes;
 mod pki;
 mod ports;
 mod process;
@@ -122,6 +123,10 @@ pub use manifest::{
     apply_document, read_manifest, wait_until_allowed, wait_until_refused, wait_until_refused_by,
 };
 pub use net::{first_service_ip, node_pod_cidrs};
+pub use nodes::{
+    API_ADDRESS, MAX_REAL_NODES, NODES_NETWORK, REAL_NODE_LABEL, RealNodeInfo,
+    config::{BUSYBOX_IMAGE, PAUSE_IMAGE},
+};
 pub use pki::{CertifiedKey, MAX_CERT_GROUPS};
 pub use ports::{FIRST_PORT, LAST_PORT};
 pub use procfs::ProcessToken;

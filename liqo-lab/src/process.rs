@@ -390,6 +390,7 @@ pub(crate) struct Watchdog {
 
 const WATCHDOG_SCRIPT: &str = r#"read -r _ ; sleep 1
 root=$1; token=$2; shift 2
+[ -f "$root/nodes-cleanup.sh" ] && sh "$root/nodes-cleanup.sh"
 rm -rf -- "$root"
 for f in "$@"; do
   [ "$(cat -- "$f" 2>/dev/null)" = "$token" ] && rm -f -- "$f"

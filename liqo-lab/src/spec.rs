@@ -82,6 +82,10 @@ pub struct ClusterSpec {
     /// Extra IP addresses for the API server's serving certificate (e.g. an address at which peers
     /// reach it through a tunnel).
     pub extra_sans: Vec<IpAddr>,
+    /// Real worker nodes (kubelet, containerd, kube-proxy), named `<cluster>-node-<i>`, besides
+    /// the kwok workers. They need root, an [attached](Lifetime::Attached) lab and the Debian
+    /// packages containerd, runc, containernetworking-plugins and busybox-static.
+    pub real_nodes: usize,
 }
 
 impl ClusterSpec {
@@ -94,6 +98,7 @@ impl ClusterSpec {
             service_cidr: default_net(DEFAULT_SERVICE_CIDR),
             workers: vec![WorkerSpec::default(); 2],
             extra_sans: Vec::new(),
+            real_nodes: 0,
         }
     }
 
@@ -122,6 +127,13 @@ impl ClusterSpec {
     #[must_use]
     pub fn worker(mut self, size: WorkerSpec) -> Self {
         self.workers.push(size);
+        self
+    }
+
+    /// Sets the number of real worker nodes (see [`real_nodes`](Self::real_nodes)).
+    #[must_use]
+    pub fn real_nodes(mut self, count: usize) -> Self {
+        self.real_nodes = count;
         self
     }
 
@@ -172,6 +184,17 @@ impl ClusterSpec {
             return Err(LabError::InvalidSpec(format!(
                 "cluster {name:?}: service CIDR {} is too small",
                 self.service_cidr
+            )));
+        }
+        if self.real_nodes > crate::nodes::MAX_REAL_NODES {
+            return Err(LabError::InvalidSpec(format!(
+                "cluster {name:?}: at most {} real nodes",
+                crate::nodes::MAX_REAL_NODES
+            )));
+        }
+        if self.real_nodes > 0 && !matches!(self.pod_cidr, IpNet::V4(_)) {
+            return Err(LabError::InvalidSpec(format!(
+                "cluster {name:?}: real nodes need an IPv4 pod CIDR"
             )));
         }
         for (i, w) in self.workers.iter().enumerate() {
@@ -283,6 +306,13 @@ impl LabSpec {
                     c.name
                 )));
             }
+        }
+        if self.lifetime == Lifetime::Detached && self.clusters.iter().any(|c| c.real_nodes > 0) {
+            return Err(LabError::InvalidSpec(
+                "real nodes need an attached lab: the process that starts the lab forwards the \
+                 traffic between the API servers and the nodes"
+                    .to_owned(),
+            ));
         }
         Ok(())
     }

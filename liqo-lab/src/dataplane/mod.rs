@@ -19,13 +19,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use self::netns::{ip, ip_batch};
 pub(crate) use daemon::DAEMON_STOP_GRACE;
 pub use daemon::{DataPlaneRecord, run_daemon, start_daemon};
 pub use http::http_get_in;
+pub(crate) use netns::in_netns;
 pub use netns::{NETNS_DIR, dataplane_id, gateway_netns_name, netns_path, pod_netns_name};
 
 use self::{
-    netns::{ip, ip_batch, prefix, remove_with_prefix, wan_netns},
+    netns::{prefix, remove_with_prefix, wan_netns},
     pods::{ClusterWatch, PodTable},
 };
 use crate::{
