@@ -18,6 +18,8 @@ declare -A pkgs=(
 )
 missing=()
 for cmd in "${!pkgs[@]}"; do command -v "$cmd" >/dev/null || missing+=("${pkgs[$cmd]}"); done
+# The lab's real nodes run the CNI bridge plugin.
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
 if ((${#missing[@]})); then
   if [ "$(id -u)" != 0 ]; then log "please install: ${missing[*]} (apt-get install ${missing[*]})"; exit 1; fi
   log "installing ${missing[*]}"

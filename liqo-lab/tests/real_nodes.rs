@@ -111,6 +111,18 @@ fn leftovers(root: &Path, netns_prefix: &str) -> Vec<String> {
                 .map(|n| format!("netns {n}")),
         );
     }
+    // Each node's cgroup is named like its namespace, in every hierarchy.
+    if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.filter_map(|e| e.ok()) {
+            if let Ok(d) = std::fs::read_dir(h.path()) {
+                out.extend(
+                    d.filter_map(|e| e.ok())
+                        .filter(|e| e.file_name().to_string_lossy().starts_with(netns_prefix))
+                        .map(|e| format!("cgroup {}", e.path().display())),
+                );
+            }
+        }
+    }
     if let Ok(d) = std::fs::read_dir("/proc") {
         for e in d.filter_map(|e| e.ok()) {
             if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
@@ -124,8 +136,105 @@ fn leftovers(root: &Path, netns_prefix: &str) -> Vec<String> {
     out
 }
 
+const CHILD_ENV: &str = "LIQO_LAB_REAL_NODES_CHILD";
+
+/// Not a test on its own: the body of [`a_killed_owner_takes_its_nodes_and_containers_along`]'s
+/// child process, which starts a lab with a real node and a running container, then waits to be
+/// killed.
+#[tokio::test]
+async fn child_process_helper() -> BoxResult {
+    if std::env::var_os(CHILD_ENV).is_none() {
+        return Ok(());
+    }
+    let lab = Lab::start(LabSpec::new([ClusterSpec::new("orphan")
+        .workers(0, WorkerSpec::default())
+        .real_nodes(1)]))
+    .await?;
+    let node = lab.real_nodes().remove(0);
+    let pods: Api<Pod> = Api::namespaced(
+        lab.cluster("orphan").ok_or("no cluster")?.client()?,
+        "default",
+    );
+    pods.create(
+        &PostParams::default(),
+        &pod("sleeper", &node.name, "exec sleep 100000")?,
+    )
+    .await?;
+    wait_running(&pods, "sleeper").await?;
+    let prefix = node.netns.trim_end_matches(&node.name).to_owned();
+    println!("\nLAB {} {prefix}", lab.root().display());
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    Ok(())
+}
+
+/// kill -9 of the process that started a lab with real nodes: its watchdog removes the
+/// containers (which outlive their kubelet and containerd), mounts, cgroups and namespaces.
+#[test]
+fn a_killed_owner_takes_its_nodes_and_containers_along() -> BoxResult {
+    use std::io::BufRead;
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return Ok(());
+    }
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "child_process_helper",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some((_, rest)) = line.split_once("LAB ") {
+                let _ = tx.send(rest.to_owned());
+            }
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(400)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = child.kill();
+            return Err(format!("the child never reported its lab: {e}").into());
+        }
+    };
+    let (root, prefix) = line.split_once(' ').ok_or("bad LAB line")?;
+    let root = std::path::PathBuf::from(root);
+    assert!(
+        !leftovers(&root, prefix).is_empty(),
+        "the running lab shows nothing to clean up: the check below could not fail"
+    );
+    child.kill()?;
+    child.wait()?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = leftovers(&root, prefix);
+        if left.is_empty() && !root.exists() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "left behind after kill -9: {left:#?} (root exists: {})",
+                root.exists()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_containers_run_talk_and_leave_nothing_behind() -> BoxResult {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return Ok(());
+    }
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let lab = Lab::start(LabSpec::new([ClusterSpec::new("rn")
         .workers(1, WorkerSpec::default())
