@@ -13,14 +13,25 @@ pub(crate) const SCRIPT: &str = "nodes-cleanup.sh";
 /// names the nodes' directory (containerd, its shims, kubelet, kube-proxy), unmount what is
 /// mounted under the lab's root (container root filesystems, volumes, pod network namespaces),
 /// remove the cgroups and delete the network namespaces.
-pub(crate) fn script(root: &Path, cgroup_dirs: &[String], netns: &[String]) -> String {
+pub(crate) fn script(root: &Path, cgroup_names: &[String], netns: &[String]) -> String {
     let root = root.display();
-    let cgroups = cgroup_dirs.join(" ");
+    // Every hierarchy, the cgroup-v2 `unified` one of a hybrid layout included: runc makes the
+    // containers' cgroups there too.
+    let cgroups: Vec<String> = cgroup_names
+        .iter()
+        .flat_map(|n| {
+            [
+                format!("/sys/fs/cgroup/*/{n}"),
+                format!("/sys/fs/cgroup/{n}"),
+            ]
+        })
+        .collect();
+    let cgroups = cgroups.join(" ");
     let namespaces = netns.join(" ");
     format!(
         r#"# Written by liqo-lab: removes the real nodes of the lab in {root}.
 nodes="{root}/nodes/"
-cgroups="{cgroups}"
+cgroups=$(for d in {cgroups}; do [ -d "$d" ] && echo "$d"; done)
 for round in 1 2 3 4 5 6 7 8 9 10; do
   pids=$(for d in $cgroups; do [ -d "$d" ] && find "$d" -name cgroup.procs -exec cat {{}} + 2>/dev/null; done)
   pids="$pids $(pgrep -f -- "$nodes" | grep -vx "$$")"
@@ -44,8 +55,12 @@ exit 0
 }
 
 /// Writes the script into `root`.
-pub(crate) fn write(root: &Path, cgroup_dirs: &[String], netns: &[String]) -> Result<()> {
-    write_file(&root.join(SCRIPT), &script(root, cgroup_dirs, netns), 0o755)
+pub(crate) fn write(root: &Path, cgroup_names: &[String], netns: &[String]) -> Result<()> {
+    write_file(
+        &root.join(SCRIPT),
+        &script(root, cgroup_names, netns),
+        0o755,
+    )
 }
 
 /// Runs the script of the lab in `root`, if it has one (blocking: used on teardown, where no

@@ -155,17 +155,10 @@ impl RealNodes {
                 })?);
             }
         }
-        let mut cgroup_dirs = Vec::new();
-        for n in &nodes {
-            for d in cgroups::dirs(&n.cgroup)
-                .map_err(|e| LabError::Nodes(format!("reading /sys/fs/cgroup: {e}")))?
-            {
-                cgroup_dirs.push(d.display().to_string());
-            }
-        }
+        let cgroup_names: Vec<String> = nodes.iter().map(|n| n.cgroup.clone()).collect();
         let mut all_netns: Vec<String> = nodes.iter().map(|n| n.info.netns.clone()).collect();
         all_netns.push(nodes_netns.clone());
-        cleanup::write(root, &cgroup_dirs, &all_netns)?;
+        cleanup::write(root, &cgroup_names, &all_netns)?;
 
         let mut this = Self {
             root: root.to_owned(),
