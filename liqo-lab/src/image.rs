@@ -234,6 +234,19 @@ impl ImageSpec {
         self
     }
 
+    /// Adds the host program `host_path` at `path` (mode 0755) with the shared libraries it
+    /// loads and the dynamic loader, each at its host path, as `ldd` lists them; a static program
+    /// is added alone. So an image can carry tools such as `nft` or `ip` from this machine.
+    pub fn program_from_host(self, path: impl Into<String>, host_path: &Path) -> Result<Self> {
+        let libs = shared_libraries(&self.name, host_path)?;
+        let mut spec = self.file_from_host(path, host_path, 0o755);
+        for lib in libs {
+            let p = lib.display().to_string();
+            spec = spec.file_from_host(p, lib, 0o755);
+        }
+        Ok(spec)
+    }
+
     fn error(&self, message: impl Into<String>) -> LabError {
         LabError::Image {
             image: self.name.clone(),
@@ -372,6 +385,55 @@ pub fn write_oci_archive(spec: &ImageSpec, out: &Path) -> Result<ImageDigests> {
 /// in the image).
 pub fn busybox_image(name: impl Into<String>) -> Result<ImageSpec> {
     busybox_image_from(name, Path::new(HOST_BUSYBOX))
+}
+
+/// The shared libraries (and loader) `program` needs, resolved by `ldd` to real files.
+fn shared_libraries(image: &str, program: &Path) -> Result<Vec<PathBuf>> {
+    let fail = |message: String| LabError::Image {
+        image: image.to_owned(),
+        message,
+    };
+    let out = std::process::Command::new("ldd")
+        .arg(program)
+        .output()
+        .map_err(|e| fail(format!("running ldd on {}: {e}", program.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        // ldd exits non-zero for static programs ("not a dynamic executable").
+        let err = String::from_utf8_lossy(&out.stderr);
+        if text.contains("not a dynamic executable") || err.contains("not a dynamic executable") {
+            return Ok(Vec::new());
+        }
+        return Err(fail(format!(
+            "ldd {} failed: {}",
+            program.display(),
+            err.trim()
+        )));
+    }
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.contains("statically linked") {
+            return Ok(Vec::new());
+        }
+        if line.contains("not found") {
+            return Err(fail(format!(
+                "{} needs a library this machine lacks: {line}",
+                program.display()
+            )));
+        }
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)".
+        let path = line
+            .split_once("=>")
+            .map_or(line, |(_, p)| p)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default();
+        if path.starts_with('/') {
+            libs.push(PathBuf::from(path));
+        }
+    }
+    Ok(libs)
 }
 
 /// [`busybox_image`] with busybox taken from `busybox`, a static binary.
@@ -828,6 +890,31 @@ struct Index<'a> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn programs_come_with_their_libraries() {
+        let paths = |spec: &super::ImageSpec| -> Vec<String> {
+            spec.entries.iter().map(|(p, _)| p.clone()).collect()
+        };
+        // `ip` (iproute2, on every machine the lab runs on) is dynamically linked.
+        let spec = super::ImageSpec::new("t/ip:1")
+            .program_from_host("/usr/sbin/ip", std::path::Path::new("/usr/sbin/ip"))
+            .expect("ip");
+        let got = paths(&spec);
+        assert!(got.contains(&"/usr/sbin/ip".to_owned()), "{got:?}");
+        assert!(got.iter().any(|p| p.contains("libc.so")), "{got:?}");
+        assert!(got.iter().any(|p| p.contains("ld-linux")), "{got:?}");
+        // The static busybox comes alone.
+        let spec = super::ImageSpec::new("t/bb:1")
+            .program_from_host("/bin/busybox", std::path::Path::new(super::HOST_BUSYBOX))
+            .expect("busybox");
+        assert_eq!(paths(&spec), vec!["/bin/busybox".to_owned()]);
+        // A missing program is an error naming it.
+        let err = super::ImageSpec::new("t/none:1")
+            .program_from_host("/x", std::path::Path::new("/no/such/program"))
+            .expect_err("missing");
+        assert!(err.to_string().contains("/no/such/program"), "{err}");
+    }
+
     use std::io::Read;
 
     use flate2::read::GzDecoder;
