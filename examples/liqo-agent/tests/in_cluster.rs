@@ -222,7 +222,7 @@ async fn agents_installed_from_deploy_peer_and_offload_real_containers() -> Resu
             cluster_id: prov.clone(),
             cluster_name: info.cluster_name.clone(),
             peering_endpoint: Some(endpoint),
-            public_key_fingerprint: Some(info.fingerprint.clone()),
+            public_key_fingerprint: Some(info.fingerprint),
             discovery: DiscoverySpec {
                 source: liqo_core::DiscoverySource::Manual,
                 auto_peer: false,
