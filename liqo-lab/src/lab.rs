@@ -300,6 +300,40 @@ impl Lab {
         Ok(())
     }
 
+    /// Routes the pod CIDR of cluster `to` from every real node of cluster `from` through the
+    /// first real node of `to`, as an underlay that routes pod networks between clusters would
+    /// (what a routed fabric expects). One direction: call it both ways for replies.
+    pub async fn route_pod_network(&self, from: &str, to: &str) -> Result<()> {
+        let target = self
+            .cluster(to)
+            .ok_or_else(|| LabError::Nodes(format!("no cluster {to:?}")))?;
+        let nodes = self.real_nodes();
+        let via = nodes
+            .iter()
+            .find(|n| n.cluster == to)
+            .ok_or_else(|| LabError::Nodes(format!("cluster {to:?} has no real nodes")))?
+            .ip;
+        let mut routed = 0;
+        for n in nodes.iter().filter(|n| n.cluster == from) {
+            crate::dataplane::ip(
+                Some(&n.netns),
+                &[
+                    "route",
+                    "replace",
+                    &target.pod_cidr().to_string(),
+                    "via",
+                    &via.to_string(),
+                ],
+            )
+            .await?;
+            routed += 1;
+        }
+        if routed == 0 {
+            return Err(LabError::Nodes(format!("cluster {from:?} has no real nodes")));
+        }
+        Ok(())
+    }
+
     /// The shared etcd's client URL.
     pub fn etcd_url(&self) -> &str {
         &self.etcd_url

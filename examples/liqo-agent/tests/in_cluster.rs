@@ -80,6 +80,8 @@ fn edit(
             cfg["cluster"]["name"] = cluster.name().into();
             cfg["cluster"]["podCidr"] = cluster.pod_cidr().to_string().into();
             cfg["cluster"]["serviceCidr"] = cluster.service_cidr().to_string().into();
+            // The routed fabric: the lab's underlay routes the clusters' (disjoint) pod CIDRs.
+            cfg["network"] = serde_yaml_ng::from_str("{enabled: true, fabric: Routed}")?;
             cfg["peering"]["endpoint"] = format!("https://{node_ip}:{PEERING_NODE_PORT}").into();
             cfg["peering"]["apiServer"] =
                 format!("https://{}:{}", liqo_lab::API_ADDRESS, cluster.api_port()).into();
@@ -156,9 +158,11 @@ async fn agents_installed_from_deploy_peer_and_offload_real_containers() -> Resu
     // No kwok workers: every pod, the offloaded one too, runs in a real container.
     let lab = Lab::start(LabSpec::new([
         ClusterSpec::new("rome")
+            .pod_cidr("10.244.0.0/16".parse()?)
             .workers(0, WorkerSpec::default())
             .real_nodes(1),
         ClusterSpec::new("milan")
+            .pod_cidr("10.245.0.0/16".parse()?)
             .workers(0, WorkerSpec::default())
             .real_nodes(1),
     ]))
@@ -170,6 +174,8 @@ async fn agents_installed_from_deploy_peer_and_offload_real_containers() -> Resu
     let archive = lab.root().join("images").join("liqo-agent.tar");
     write_oci_archive(&agent_image()?, &archive)?;
     let (a, b) = (rome.client()?, milan.client()?);
+    lab.route_pod_network("rome", "milan").await?;
+    lab.route_pod_network("milan", "rome").await?;
 
     let first = install(&lab, rome, &archive).await?;
     install(&lab, milan, &archive).await?;
@@ -277,7 +283,7 @@ async fn agents_installed_from_deploy_peer_and_offload_real_containers() -> Resu
                 "name": "web",
                 "image": BUSYBOX_IMAGE,
                 "imagePullPolicy": "Never",
-                "command": ["sh", "-c", "echo offloaded web started; exec httpd -f -p 8080 -h /tmp"],
+                "command": ["sh", "-c", SERVE_MILAN],
             }],
         }
     }))?;
@@ -336,6 +342,107 @@ async fn agents_installed_from_deploy_peer_and_offload_real_containers() -> Resu
     )
     .await?;
 
+    // Real containers talk across the clusters, both ways: a pod of rome fetches the page of
+    // the offloaded pod at the address rome shows for it, and the remote pod fetches a page from
+    // the rome pod.
+    let client: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "client"},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "client",
+                "image": BUSYBOX_IMAGE,
+                "imagePullPolicy": "Never",
+                "command": ["sh", "-c", SERVE_ROME],
+            }],
+        }
+    }))?;
+    let home: Api<Pod> = Api::namespaced(a.clone(), "default");
+    home.create(&PostParams::default(), &client).await?;
+    let client_ip = until("the rome client Running", &[], WAIT, || {
+        running_ip(&home, "client")
+    })
+    .await?;
+    let web_ip = until("the offloaded pod's IP in rome", &[], WAIT, || {
+        running_ip(&local, "web")
+    })
+    .await?;
+    // `timeout`, not wget's own -T: Debian's static busybox wget crashes with -T.
+    let fetched = exec_until(
+        &home,
+        "client",
+        &format!("timeout 10 wget -qO- http://{web_ip}:8080/ 2>&1"),
+        "hello-from-milan",
+    )
+    .await?;
+    assert!(fetched.contains("hello-from-milan"));
+    let remote_pods: Api<Pod> = Api::namespaced(b.clone(), &twin);
+    exec_until(
+        &remote_pods,
+        "web",
+        &format!("timeout 10 wget -qO- http://{client_ip}:8080/ 2>&1"),
+        "hello-from-rome",
+    )
+    .await?;
+
     lab.stop().await?;
     Ok(())
+}
+
+const SERVE_MILAN: &str = "mkdir -p /www && echo hello-from-milan > /www/index.html && \
+                           echo offloaded web started && exec httpd -f -p 8080 -h /www";
+const SERVE_ROME: &str = "mkdir -p /www && echo hello-from-rome > /www/index.html && \
+                          exec httpd -f -p 8080 -h /www";
+
+/// The pod's IP once it is Running.
+async fn running_ip(pods: &Api<Pod>, name: &str) -> Option<String> {
+    let status = pods.get_opt(name).await.ok().flatten()?.status?;
+    (status.phase.as_deref() == Some("Running"))
+        .then_some(status.pod_ip)
+        .flatten()
+}
+
+/// Runs `script` in the pod until its output contains `want`; the error shows the last output.
+async fn exec_until(
+    pods: &Api<Pod>,
+    name: &str,
+    script: &str,
+    want: &str,
+) -> Result<String, Error> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = exec(pods, name, script)
+            .await
+            .unwrap_or_else(|e| format!("exec failed: {e}"));
+        if out.contains(want) {
+            return Ok(out);
+        }
+        if Instant::now() > deadline {
+            return Err(
+                format!("`{script}` in {name} never printed {want:?}; last: {out:?}").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `sh -c script` in the pod's container (what `kubectl exec` does): stdout and stderr.
+async fn exec(pods: &Api<Pod>, name: &str, script: &str) -> Result<String, Error> {
+    use tokio::io::AsyncReadExt;
+    let mut attached = pods
+        .exec(
+            name,
+            ["sh", "-c", script],
+            &kube::api::AttachParams::default().stderr(true).stdout(true),
+        )
+        .await?;
+    let mut out = String::new();
+    if let Some(mut s) = attached.stdout() {
+        s.read_to_string(&mut out).await?;
+    }
+    if let Some(mut s) = attached.stderr() {
+        s.read_to_string(&mut out).await?;
+    }
+    attached.join().await?;
+    Ok(out)
 }
