@@ -329,7 +329,9 @@ impl Lab {
             routed += 1;
         }
         if routed == 0 {
-            return Err(LabError::Nodes(format!("cluster {from:?} has no real nodes")));
+            return Err(LabError::Nodes(format!(
+                "cluster {from:?} has no real nodes"
+            )));
         }
         Ok(())
     }
