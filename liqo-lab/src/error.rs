@@ -184,6 +184,18 @@ pub enum LabError {
     #[error("data plane: {0}")]
     DataPlane(String),
 
+    /// A command run in a pod (see [`exec_in_pod`](crate::exec_in_pod)) failed or never printed
+    /// what was expected.
+    #[error("`{script}` in pod {pod}: {message}")]
+    Exec {
+        /// The pod.
+        pod: String,
+        /// The shell script.
+        script: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// A real node (kubelet, containerd, kube-proxy in a network namespace of its own) could not be
     /// set up, started or removed; the message names the node and the step.
     #[error("real node: {0}")]

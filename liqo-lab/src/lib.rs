@@ -86,6 +86,7 @@ mod binaries;
 mod cluster;
 mod dataplane;
 mod error;
+mod exec;
 mod image;
 mod kubeconfig;
 mod lab;
@@ -112,6 +113,7 @@ pub use dataplane::{
     pod_netns_name, run_daemon as run_dataplane_daemon, start_daemon as start_dataplane_daemon,
 };
 pub use error::{ComponentFailure, LabError, Result};
+pub use exec::{exec_in_pod, exec_in_pod_until};
 pub use image::{
     ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME, BUSYBOX_APPLETS, HOST_BUSYBOX, ImageDigests,
     ImageSpec, MEDIA_TYPE_CONFIG, MEDIA_TYPE_INDEX, MEDIA_TYPE_LAYER, MEDIA_TYPE_MANIFEST,

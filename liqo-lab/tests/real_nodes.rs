@@ -9,9 +9,10 @@ use std::{
 
 use futures::{AsyncBufReadExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
-use kube::api::{Api, AttachParams, DeleteParams, LogParams, PostParams};
-use liqo_lab::{BUSYBOX_IMAGE, ClusterSpec, Lab, LabSpec, REAL_NODE_LABEL, WorkerSpec};
-use tokio::io::AsyncReadExt;
+use kube::api::{Api, DeleteParams, LogParams, PostParams};
+use liqo_lab::{
+    BUSYBOX_IMAGE, ClusterSpec, Lab, LabSpec, REAL_NODE_LABEL, WorkerSpec, exec_in_pod_until,
+};
 
 type BoxResult<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -50,45 +51,6 @@ async fn wait_running(pods: &Api<Pod>, name: &str) -> BoxResult<String> {
             .into());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-/// `sh -c script` in the pod's container, through the API server and the kubelet (what `kubectl
-/// exec` does); returns stdout and stderr together.
-async fn exec(pods: &Api<Pod>, name: &str, script: &str) -> BoxResult<String> {
-    let mut attached = pods
-        .exec(
-            name,
-            ["sh", "-c", script],
-            &AttachParams::default().stderr(true).stdout(true),
-        )
-        .await?;
-    let mut out = String::new();
-    if let Some(mut s) = attached.stdout() {
-        s.read_to_string(&mut out).await?;
-    }
-    if let Some(mut s) = attached.stderr() {
-        s.read_to_string(&mut out).await?;
-    }
-    attached.join().await?;
-    Ok(out)
-}
-
-/// Retries `exec` until its output contains `want` (kube-proxy programs a new Service within
-/// seconds, not at once).
-async fn exec_until(pods: &Api<Pod>, name: &str, script: &str, want: &str) -> BoxResult<String> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let out = exec(pods, name, script).await?;
-        if out.contains(want) {
-            return Ok(out);
-        }
-        if Instant::now() > deadline {
-            return Err(
-                format!("`{script}` in {name} never printed {want:?}; last: {out:?}").into(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -302,11 +264,12 @@ async fn real_containers_run_talk_and_leave_nothing_behind() -> BoxResult {
     assert!(logs.contains("web started"), "logs of web: {logs:?}");
 
     // Pod to pod across nodes, with the pods' own addresses (no NAT between nodes).
-    let out = exec_until(
+    let out = exec_in_pod_until(
         &pods,
         "client",
         &format!("wget -qO- http://{web_ip}:8080/"),
         "hello-from-a-real-node",
+        WAIT,
     )
     .await?;
     assert!(out.contains("hello-from-a-real-node"));
@@ -346,22 +309,22 @@ async fn real_containers_run_talk_and_leave_nothing_behind() -> BoxResult {
         .create(&PostParams::default(), &svc)
         .await?;
     let cluster_ip = svc.spec.and_then(|s| s.cluster_ip).ok_or("no cluster IP")?;
-    exec_until(
+    exec_in_pod_until(
         &pods,
         "client",
         &format!("wget -qO- http://{cluster_ip}/"),
         "hello-from-a-real-node",
+        WAIT,
     )
     .await?;
 
     // The `kubernetes` Service reaches the API server (plain HTTP to its TLS port is refused with
     // a 400 by the API server itself).
-    exec_until(
+    exec_in_pod_until(
         &pods,
         "client",
         "wget -qO- http://kubernetes.default.svc:443/ 2>&1 || wget -qO- http://$KUBERNETES_SERVICE_HOST:443/ 2>&1",
-        "400",
-    )
+        "400", WAIT)
     .await?;
 
     pods.delete("client", &DeleteParams::default()).await?;

@@ -17,7 +17,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams};
 use liqo_core::crds::{DiscoverySpec, ForeignCluster, ForeignClusterSpec, PeeringRole};
 use liqo_lab::{
-    BUSYBOX_IMAGE, ClusterSpec, ImageSpec, Lab, LabSpec, WorkerSpec, write_oci_archive,
+    BUSYBOX_IMAGE, ClusterSpec, ImageSpec, Lab, LabSpec, WorkerSpec, exec_in_pod_until,
+    write_oci_archive,
 };
 
 /// The NodePort of the peering Service in both clusters.
@@ -368,20 +369,22 @@ async fn agents_installed_from_deploy_peer_and_offload_real_containers() -> Resu
     })
     .await?;
     // `timeout`, not wget's own -T: Debian's static busybox wget crashes with -T.
-    let fetched = exec_until(
+    let fetched = exec_in_pod_until(
         &home,
         "client",
         &format!("timeout 10 wget -qO- http://{web_ip}:8080/ 2>&1"),
         "hello-from-milan",
+        WAIT,
     )
     .await?;
     assert!(fetched.contains("hello-from-milan"));
     let remote_pods: Api<Pod> = Api::namespaced(b.clone(), &twin);
-    exec_until(
+    exec_in_pod_until(
         &remote_pods,
         "web",
         &format!("timeout 10 wget -qO- http://{client_ip}:8080/ 2>&1"),
         "hello-from-rome",
+        WAIT,
     )
     .await?;
 
@@ -400,49 +403,4 @@ async fn running_ip(pods: &Api<Pod>, name: &str) -> Option<String> {
     (status.phase.as_deref() == Some("Running"))
         .then_some(status.pod_ip)
         .flatten()
-}
-
-/// Runs `script` in the pod until its output contains `want`; the error shows the last output.
-async fn exec_until(
-    pods: &Api<Pod>,
-    name: &str,
-    script: &str,
-    want: &str,
-) -> Result<String, Error> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let out = exec(pods, name, script)
-            .await
-            .unwrap_or_else(|e| format!("exec failed: {e}"));
-        if out.contains(want) {
-            return Ok(out);
-        }
-        if Instant::now() > deadline {
-            return Err(
-                format!("`{script}` in {name} never printed {want:?}; last: {out:?}").into(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-/// `sh -c script` in the pod's container (what `kubectl exec` does): stdout and stderr.
-async fn exec(pods: &Api<Pod>, name: &str, script: &str) -> Result<String, Error> {
-    use tokio::io::AsyncReadExt;
-    let mut attached = pods
-        .exec(
-            name,
-            ["sh", "-c", script],
-            &kube::api::AttachParams::default().stderr(true).stdout(true),
-        )
-        .await?;
-    let mut out = String::new();
-    if let Some(mut s) = attached.stdout() {
-        s.read_to_string(&mut out).await?;
-    }
-    if let Some(mut s) = attached.stderr() {
-        s.read_to_string(&mut out).await?;
-    }
-    attached.join().await?;
-    Ok(out)
 }
